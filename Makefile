@@ -1,0 +1,40 @@
+# Every target sets up what it needs that is missing.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+VLLM_VENV := .venv-vllm
+export LLMHOST_VLLM_PYTHON ?= $(abspath $(VLLM_VENV))/bin/python
+export HF_HUB_OFFLINE ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DO_NOT_TRACK ?= 1
+
+.PHONY: demo test lint env runtime clean-state
+
+env: $(VENV)/.installed
+runtime: $(VLLM_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first, so the resolver takes the pinned wheel instead of a newer CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+$(VLLM_VENV)/.installed: scripts/install_runtime.sh
+	bash scripts/install_runtime.sh $(VLLM_VENV)
+	touch $@
+
+demo: env runtime
+	$(VENV)/bin/llmhost demo-serve
+
+test: env runtime
+	$(VENV)/bin/python -m pytest
+
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean-state:
+	rm -rf .llmhost

@@ -1,0 +1,165 @@
+"""Eval targets: `endpoint:NAME[:adapter]` (through the gateway), `frontier:NAME` and `url:BASE_URL#MODEL`.
+
+Keys are read from the environment when a client is made and are never stored on these models, so a target
+can be logged, printed or put in a Prefect parameter without leaking a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.errors import AccessError, EvalError
+from tasks.evaluation.suite import SUITES_DIR, SuiteError
+from tasks.settings import get_settings
+
+FRONTIERS_FILE = SUITES_DIR / "frontiers.yaml"
+GATEWAY_KEY_ENV = "LLMHOST_API_KEY"
+URL_KEY_ENV = "LLMHOST_TARGET_API_KEY"
+
+
+class TargetKeyError(AccessError, EvalError):
+    """A target's API key variable is not set."""
+
+
+class FrontierEntry(BaseModel):
+    """A hosted API: where it is, which model, which env var holds the key, and its prices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="OpenAI-compatible base URL.")
+    model: str
+    api_key_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of the key's env variable.")
+    price_in_per_1m: float = Field(ge=0, description="USD per 1M input tokens.")
+    price_out_per_1m: float = Field(ge=0, description="USD per 1M output tokens.")
+    prices_as_of: date = Field(description="Date the prices were read from the pricing page.")
+    pricing_url: str | None = None
+
+
+class Pricing(BaseModel):
+    price_in_per_1m: float
+    price_out_per_1m: float
+    prices_as_of: date
+    pricing_url: str | None = None
+
+
+class ResolvedTarget(BaseModel):
+    """Everything needed to call a target, except the key's value."""
+
+    spec: str = Field(description="As given, e.g. endpoint:support-router or frontier:gpt-4o-mini.")
+    kind: Literal["endpoint", "frontier", "url"]
+    base_url: str
+    model: str = Field(description="Value sent as `model`.")
+    api_key_env: str | None = Field(default=None, description="Env var holding the key; None sends a dummy key.")
+    pricing: Pricing | None = None
+
+    @property
+    def self_hosted(self) -> bool:
+        return self.kind != "frontier"
+
+    @property
+    def label(self) -> str:
+        return self.spec
+
+    def api_key(self) -> str:
+        """The key's value, read now; a missing variable names itself and how to set it."""
+        if self.api_key_env is None:
+            return os.environ.get(URL_KEY_ENV, "EMPTY")
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            hint = (
+                "create a gateway key (llmhost keys create) and export it"
+                if self.kind == "endpoint"
+                else "export the provider's API key"
+            )
+            raise TargetKeyError(f"target {self.spec}: environment variable {self.api_key_env} is not set; {hint}")
+        return value
+
+
+def _read_catalog(path: Path) -> dict[str, FrontierEntry]:
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries = raw.get("frontiers", {}) if isinstance(raw, dict) else {}
+    out = {}
+    for name, body in entries.items():
+        try:
+            out[str(name)] = FrontierEntry.model_validate(body)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"])
+            raise SuiteError(f"frontiers.{name}.{field}", err.get("input"), err["msg"], source=str(path)) from None
+    return out
+
+
+def load_frontiers(extra: Path | None = None) -> dict[str, FrontierEntry]:
+    """Shipped catalog, then $LLMHOST_HOME/frontiers.yaml, then `extra`; later files win per entry."""
+    catalog: dict[str, FrontierEntry] = {}
+    for path in (FRONTIERS_FILE, get_settings().home_abs / "frontiers.yaml", extra):
+        if path is not None and Path(path).is_file():
+            catalog.update(_read_catalog(Path(path)))
+    return catalog
+
+
+def resolve_target(spec: str, *, frontiers_file: Path | None = None) -> ResolvedTarget:
+    """Parse a target spec into a `ResolvedTarget`; unknown forms and names say what is accepted."""
+    kind, _, rest = spec.partition(":")
+    if kind == "endpoint" and rest:
+        name, _, adapter = rest.partition(":")
+        s = get_settings()
+        # The gateway routes `endpoint:adapter` to the adapter served by that endpoint's live revision.
+        return ResolvedTarget(
+            spec=spec,
+            kind="endpoint",
+            base_url=f"http://{s.gateway_host}:{s.gateway_port}/v1",
+            model=f"{name}:{adapter}" if adapter else name,
+            api_key_env=GATEWAY_KEY_ENV,
+        )
+    if kind == "frontier" and rest:
+        catalog = load_frontiers(frontiers_file)
+        if rest not in catalog:
+            raise EvalError(
+                f"target={spec!r}: no frontier named {rest!r}; known: {sorted(catalog)}. "
+                "Add it to $LLMHOST_HOME/frontiers.yaml (base_url, model, api_key_env, prices)"
+            )
+        e = catalog[rest]
+        return ResolvedTarget(
+            spec=spec,
+            kind="frontier",
+            base_url=e.base_url,
+            model=e.model,
+            api_key_env=e.api_key_env,
+            pricing=Pricing(**e.model_dump(include={"price_in_per_1m", "price_out_per_1m", "prices_as_of", "pricing_url"})),
+        )
+    if kind == "url" and "#" in rest:
+        base, _, model = rest.rpartition("#")
+        if base.startswith(("http://", "https://")) and model:
+            return ResolvedTarget(spec=spec, kind="url", base_url=base.rstrip("/"), model=model)
+    raise EvalError(
+        f"target={spec!r} is not understood; use endpoint:NAME[:adapter], frontier:NAME "
+        "or url:http://HOST:PORT/v1#MODEL"
+    )
+
+
+class TargetInfo(BaseModel):
+    """What the target said about itself before the run (its /models entry)."""
+
+    model_entry: dict[str, Any] = Field(default_factory=dict)
+    revision_hash: str
+
+    @classmethod
+    def from_entry(cls, target: ResolvedTarget, entry: dict[str, Any] | None) -> TargetInfo:
+        entry = entry or {}
+        # The gateway reports the live revision's content hash; a bare vLLM server is identified by what it
+        # loaded (root dir, parent for adapters, context length), a frontier only by its model name.
+        rev = entry.get("revision") or entry.get("revision_hash")
+        if not rev:
+            ident = {k: entry.get(k) for k in ("id", "root", "parent", "max_model_len")}
+            ident["base_url"] = target.base_url
+            rev = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return cls(model_entry=entry, revision_hash=str(rev))

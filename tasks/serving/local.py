@@ -1,0 +1,237 @@
+"""The `local` target: a supervised `python -m vllm.entrypoints.openai.api_server` in the runtime venv."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from tasks.errors import ReplicaStartError, ServingError
+from tasks.serving.base import Replica, ReplicaState, VllmArgs
+from tasks.settings import get_settings
+
+_KV_RE = re.compile(r"(?:CPU|GPU) KV cache size:\s*([\d,]+)\s*tokens")
+_CONC_RE = re.compile(r"Maximum concurrency for\s*([\d,]+)\s*tokens per request:\s*([\d.]+)x")
+_ERR_RE = re.compile(r"(\w*(?:Error|Exception)\b:.*|ERROR.*)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now; the small race with other binders is acceptable for loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def has_cuda_gpu() -> bool:
+    """True where `nvidia-smi -L` lists a GPU; decides CPU-only env vars and the runtime package."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def parse_startup_log(text: str) -> dict[str, float | int | None]:
+    """KV cache size (tokens) and max concurrency that vLLM prints once its cache is allocated."""
+    kv = _KV_RE.findall(text)
+    conc = _CONC_RE.findall(text)
+    return {
+        "kv_cache_tokens": int(kv[-1].replace(",", "")) if kv else None,
+        "max_concurrency": float(conc[-1][1]) if conc else None,
+    }
+
+
+def error_summary(log_tail: str) -> str:
+    """vLLM's most telling error line: the last `...Error: msg` in the log tail."""
+    found = [m.group(1).strip() for line in log_tail.splitlines() if (m := _ERR_RE.search(line))]
+    specific = [f for f in found if ("Error:" in f or "Exception:" in f)]
+    pick = specific or found
+    return pick[-1] if pick else (log_tail.strip().splitlines() or ["(empty log)"])[-1]
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 200_000))
+            data = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class LocalTarget:
+    """Runs each replica as its own process group so that stop() leaves no child behind."""
+
+    name = "local"
+
+    def __init__(self, python: Path | None = None, host: str = "127.0.0.1"):
+        self.settings = get_settings()
+        self.python = Path(python or self.settings.vllm_python)
+        self.host = host
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _env(self, args: VllmArgs, extra: dict[str, str] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        # The runtime venv must not see the control plane's interpreter paths.
+        for var in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+            env.pop(var, None)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        if not has_cuda_gpu():
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.cpu_kvcache_space_gib:g}")
+        if args.enable_lora or args.lora_modules:
+            # Lets the control plane hot-load adapters with /v1/load_lora_adapter, no restart.
+            env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        env.update(extra or {})
+        return env
+
+    def start(
+        self,
+        args: VllmArgs,
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Replica:
+        if not self.python.exists():
+            raise ServingError(
+                f"LLMHOST_VLLM_PYTHON={str(self.python)!r} does not exist: run `make runtime` to build the "
+                "serving venv, or point LLMHOST_VLLM_PYTHON at a Python that has vLLM installed."
+            )
+        self.settings.ensure_dirs()
+        port = port or free_port(self.host)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        log_path = self.settings.runs_dir / f"{name}-{port}-{stamp}.log"
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *args.to_cli(),
+               "--host", self.host, "--port", str(port)]
+        started = time.monotonic()
+        with log_path.open("wb") as log:
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env(args, env), start_new_session=True,
+            )
+        self._procs[proc.pid] = proc
+        replica = Replica(
+            name=name, base_url=f"http://{self.host}:{port}/v1", host=self.host, port=port, pid=proc.pid,
+            log_path=str(log_path), served_model_name=args.served_model_name, state="starting",
+            started_at=datetime.now(UTC), args=cmd[3:],
+        )
+        deadline = started + (timeout_s or self.settings.startup_timeout_s)
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                rc = proc.poll()
+                if rc is not None:
+                    tail = _tail(log_path, 40)
+                    raise ReplicaStartError(
+                        f"vLLM replica {name!r} exited with code {rc} during startup: {error_summary(tail)} "
+                        f"(full log: {log_path})", log_tail=tail, log_path=str(log_path))
+                try:
+                    if client.get(f"{replica.root_url}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop(replica)
+                    tail = _tail(log_path, 40)
+                    raise ReplicaStartError(
+                        f"vLLM replica {name!r} was not healthy within {deadline - started:.0f}s "
+                        f"(raise LLMHOST_STARTUP_TIMEOUT_S); last log line: {error_summary(tail)} "
+                        f"(full log: {log_path})", log_tail=tail, log_path=str(log_path))
+                time.sleep(0.5)
+        info = parse_startup_log(log_path.read_text(errors="replace"))
+        replica.kv_cache_tokens = info["kv_cache_tokens"]  # type: ignore[assignment]
+        replica.max_concurrency = info["max_concurrency"]
+        replica.startup_seconds = round(time.monotonic() - started, 2)
+        replica.state = "up"
+        return replica
+
+    def stop(self, replica: Replica) -> None:
+        """SIGTERM the replica's process group, SIGKILL it after the grace period."""
+        pid = replica.pid
+        if pid is None:
+            return
+        proc = self._procs.pop(pid, None)
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            replica.state = "stopped"
+            return
+        deadline = time.monotonic() + self.settings.stop_grace_s
+        while time.monotonic() < deadline:
+            if proc is not None:
+                if proc.poll() is not None and not _group_alive(pid):
+                    break
+            elif not _pid_alive(pid) and not _group_alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # Wait until the group is gone: vLLM's engine core is a separate process in the same group.
+        end = time.monotonic() + 5
+        while _group_alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        replica.state = "stopped"
+
+    def status(self, replica: Replica) -> ReplicaState:
+        if replica.pid is None:
+            return "stopped"
+        proc = self._procs.get(replica.pid)
+        alive = proc.poll() is None if proc is not None else _pid_alive(replica.pid)
+        if not alive:
+            return "stopped" if replica.state == "stopped" else "failed"
+        try:
+            ok = httpx.get(f"{replica.root_url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        return "up" if ok else ("starting" if replica.state == "starting" else "down")
+
+    def logs(self, replica: Replica, lines: int = 100) -> str:
+        return _tail(Path(replica.log_path), lines) if replica.log_path else ""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

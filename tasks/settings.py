@@ -1,0 +1,73 @@
+"""Settings read from `LLMHOST_*` environment variables; every path lives under one state dir."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Control-plane settings. Each field maps to `LLMHOST_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="ignore")
+
+    home: Path = Field(default=Path(".llmhost"), description="State dir: MLflow, store, runtime logs.")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite under home.")
+    store_url: str | None = Field(default=None, description="SQLAlchemy URL of the control-plane store.")
+    vllm_python: Path = Field(
+        default=PROJECT_ROOT / ".venv-vllm" / "bin" / "python",
+        description="Python of the serving runtime venv (holds vLLM; the control plane never imports it).",
+    )
+    cpu_kvcache_space_gib: float = Field(default=1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for CPU replicas.")
+    startup_timeout_s: float = Field(default=300.0, gt=0, description="Deadline for a replica's /health.")
+    stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM grace before SIGKILL.")
+    gateway_host: str = Field(default="127.0.0.1")
+    gateway_port: int = Field(default=8000, gt=0, lt=65536)
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Gateway -> replica connect timeout.")
+    read_timeout_s: float = Field(default=300.0, gt=0, description="Gateway -> replica read timeout.")
+    health_interval_s: float = Field(default=5.0, gt=0, description="Gateway replica health probe period.")
+    hf_token_secret_block: str | None = Field(
+        default=None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN)."
+    )
+    eval_concurrency: int = Field(default=8, gt=0, description="Concurrent requests of the eval runner.")
+
+    @property
+    def home_abs(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home_abs / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.home_abs / "mlartifacts").as_uri()
+
+    @property
+    def store(self) -> str:
+        return self.store_url or f"sqlite:///{self.home_abs / 'llmhost.db'}"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home_abs / "runs"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home_abs, self.runs_dir, self.home_abs / "mlartifacts"):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def _cached(key: tuple[tuple[str, str], ...]) -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    """Settings for the current environment; re-read when any LLMHOST_ variable changes (tests)."""
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("LLMHOST_")))
+    return _cached(key)

@@ -1,0 +1,60 @@
+"""MLflow wiring shared by every step: one tracking/registry URI, experiments with a file:// artifact root."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+def configure_mlflow() -> str:
+    """Point MLflow's tracking and registry at `settings.mlflow_uri`; returns the URI."""
+    import mlflow
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    uri = settings.mlflow_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def mlflow_client() -> MlflowClient:
+    """A client bound to the configured URIs (also sets the process-wide MLflow URIs)."""
+    from mlflow import MlflowClient
+
+    uri = configure_mlflow()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "experiment"
+
+
+def get_or_create_experiment(name: str) -> str:
+    """Experiment id for `name`, creating it with an artifact location under `settings.artifact_root`.
+
+    A sqlite-backed MLflow would otherwise default artifacts to `./mlruns` relative to the cwd, so every
+    experiment is created with an explicit file:// location under the state dir.
+    """
+    client = mlflow_client()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.lifecycle_stage == "deleted":
+            client.restore_experiment(existing.experiment_id)
+        return str(existing.experiment_id)
+    from mlflow.exceptions import MlflowException
+
+    location = f"{get_settings().artifact_root}/{_slug(name)}"
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        # Another process may have created it between the lookup and the create.
+        again = client.get_experiment_by_name(name)
+        if again is None:
+            raise
+        return str(again.experiment_id)

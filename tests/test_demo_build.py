@@ -1,0 +1,45 @@
+"""The demo builder is deterministic, idempotent and keeps train and eval apart."""
+
+from __future__ import annotations
+
+import json
+
+from demo import data
+from demo.build import DemoModelConfig, build_demo_model
+
+
+def test_same_inputs_give_the_same_hash_and_second_call_is_skipped(tmp_path):
+    cfg = DemoModelConfig(steps=5)
+    a = build_demo_model(tmp_path / "a", cfg, log=lambda *_: None)
+    b = build_demo_model(tmp_path / "b", cfg, log=lambda *_: None)
+    assert not a.skipped and not b.skipped
+    assert a.content_hash == b.content_hash
+    again = build_demo_model(tmp_path / "a", cfg, log=lambda *_: None)
+    assert again.skipped and again.content_hash == a.content_hash
+
+
+def test_model_dir_is_a_small_gqa_llama_with_tool_template(demo_model_dir):
+    config = json.loads((demo_model_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["head_dim"] == 64 and 2 <= config["num_hidden_layers"] <= 4
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
+    assert (demo_model_dir / "generation_config.json").exists()
+    tok_cfg = json.loads((demo_model_dir / "tokenizer_config.json").read_text())
+    template = tok_cfg.get("chat_template") or (demo_model_dir / "chat_template.jinja").read_text()
+    assert "tools" in template and "<tool_call>" in template
+
+
+def test_train_and_eval_share_no_example():
+    train = {r["message"] for r in data.routing_rows("train")}
+    evals = {r["message"] for r in data.routing_rows("eval")}
+    assert train and evals and not train & evals
+    assert {r["queue"] for r in data.routing_rows("eval")} == set(data.QUEUES)
+    tools_train = {r["message"] for r in data.tool_rows("train")}
+    assert not tools_train & {r["message"] for r in data.tool_rows("eval")}
+
+
+def test_committed_eval_split_matches_the_generator():
+    from tasks.settings import PROJECT_ROOT
+
+    committed = (PROJECT_ROOT / "eval_suites" / "data" / "demo_routing_eval.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in committed] == data.routing_rows("eval")

@@ -1,0 +1,84 @@
+"""The local target against a real vLLM process of the demo model."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+from tasks.errors import ReplicaStartError
+from tasks.serving.base import VllmArgs
+from tasks.serving.local import LocalTarget, error_summary, parse_startup_log
+
+pytestmark = pytest.mark.slow
+
+
+def test_chat_completion_reports_usage(openai_client):
+    resp = openai_client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hello , i need help with my invoice ."}],
+        max_tokens=24, temperature=0)
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+
+
+def test_streamed_chat_completion_ends_with_finish_reason(openai_client):
+    stream = openai_client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "who can i talk to about a parcel ?"}],
+        max_tokens=24, temperature=0, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces).strip()
+    assert finish in {"stop", "length"}
+
+
+def test_replica_reports_kv_cache_from_vllm_log(vllm_server):
+    assert vllm_server.state == "up"
+    assert vllm_server.kv_cache_tokens and vllm_server.kv_cache_tokens > 0
+    assert vllm_server.max_concurrency and vllm_server.max_concurrency > 0
+    assert LocalTarget().status(vllm_server) == "up"
+
+
+def test_bad_start_raises_typed_error_with_vllm_message(demo_model_dir):
+    target = LocalTarget()
+    args = VllmArgs(model=str(demo_model_dir), served_model_name="too-long", dtype="float32",
+                    max_model_len=1_000_000, enforce_eager=True)
+    with pytest.raises(ReplicaStartError) as info:
+        target.start(args, name="bad-start")
+    err = info.value
+    assert "max_model_len" in str(err) or "max_model_len" in err.log_tail
+    assert "1000000" in err.log_tail
+    assert err.log_path and os.path.exists(err.log_path)
+
+
+def test_stop_leaves_no_process_behind(demo_model_dir):
+    target = LocalTarget()
+    replica = target.start(
+        VllmArgs(model=str(demo_model_dir), served_model_name="short-lived", dtype="float32",
+                 max_model_len=256, enforce_eager=True), name="stop-check")
+    parent = psutil.Process(replica.pid)
+    family = [parent, *parent.children(recursive=True)]
+    assert len(family) >= 1
+    target.stop(replica)
+    time.sleep(0.5)
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    with pytest.raises(ProcessLookupError):
+        os.killpg(replica.pid, 0)
+    assert target.status(replica) == "stopped"
+
+
+def test_parse_startup_log_reads_cpu_and_gpu_lines():
+    text = ("INFO [kv_cache_utils.py] CPU KV cache size: 1,048,576 tokens\n"
+            "INFO Maximum concurrency for 1,024 tokens per request: 1024.00x\n")
+    assert parse_startup_log(text) == {"kv_cache_tokens": 1048576, "max_concurrency": 1024.0}
+    assert parse_startup_log("GPU KV cache size: 12 tokens")["kv_cache_tokens"] == 12
+
+
+def test_error_summary_prefers_the_exception_line():
+    tail = "INFO starting\nTraceback (most recent call last):\n  File x\nValueError: KV cache is too big\nINFO bye"
+    assert error_summary(tail) == "ValueError: KV cache is too big"
