@@ -723,6 +723,15 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
+def _model_card(model_dir: Path) -> Any:
+    """The folder's README as the model card; without one MLflow would look the path up on the hub."""
+    from huggingface_hub import ModelCard
+
+    readme = model_dir / "README.md"
+    text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
+    return ModelCard(text or f"Registered by llmhost from {model_dir}.")
+
+
 def _description(facts: ModelFacts, compat: CompatResult) -> str:
     size = f"{facts.params_total / 1e6:.2f}M params"
     if facts.params_active != facts.params_total:
@@ -788,6 +797,7 @@ def register_model(source: str, name: str, *, force: bool = False) -> Registered
                     info = mlflow.transformers.log_model(
                         transformers_model=str(model_dir),
                         name=MLFLOW_MODEL_NAME,
+                        model_card=_model_card(model_dir),
                         task="llm/v1/chat" if facts.has_chat_template else "text-generation",
                         pip_requirements=_pip_requirements(),
                     )

@@ -297,6 +297,8 @@ def score_example(
     if isinstance(spec, ToolCall):
         if output.failed:
             return dict.fromkeys(names, 0.0), {}
+        if spec.arguments_reference:
+            ref = None if ref in (None, "") else {"name": ref, "arguments": row.get(spec.arguments_reference) or {}}
         right, name_ok, parsed = tool_call_scores(output, ref, spec.arguments)
         return {names[0]: right, names[1]: name_ok, names[2]: parsed}, {}
     if isinstance(spec, LlmJudge):

@@ -176,6 +176,10 @@ class ToolCall(_MetricBase):
     arguments: Literal["exact", "subset"] = Field(
         default="exact", description="exact: same argument set; subset: the reference's arguments are present."
     )
+    arguments_reference: str | None = Field(
+        default=None,
+        description="Row field with the expected arguments; then `reference` holds just the function name.",
+    )
 
     def output_names(self) -> list[str]:
         prefix = f"{self.name}_" if self.name else ""
@@ -484,6 +488,7 @@ def load_examples(suite: EvalSuite) -> list[Example]:
     except TemplateError as exc:
         raise SuiteError("prompt.messages", str(exc), "fix the Jinja2 template", source=src) from None
     refs = {m.reference for m in suite.metrics if m.reference}
+    refs |= {m.arguments_reference for m in suite.metrics if isinstance(m, ToolCall) and m.arguments_reference}
     examples, seen = [], set()
     for i, (where, row) in enumerate(rows):
         for field in sorted(refs):
