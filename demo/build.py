@@ -35,9 +35,10 @@ class DemoModelConfig(BaseModel):
     num_key_value_heads: int = Field(default=1, gt=0)
     head_dim: int = Field(default=64, ge=32, description="CPU attention in vLLM needs >= 32.")
     max_position_embeddings: int = Field(default=1024, gt=0)
-    steps: int = Field(default=900, ge=1, description="Pretraining steps.")
+    steps: int = Field(default=600, ge=1, description="Pretraining steps.")
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=3e-3, gt=0)
+    tool_sft_steps: int = Field(default=300, ge=0, description="Instruction steps on tool calls, answer-masked.")
     seed: int = data.SEED
 
 
@@ -98,9 +99,22 @@ def _render_docs(tokenizer: Any, docs: list[tuple[str, Any]]) -> list[str]:
 
 def build_demo_model(out_dir: Path, cfg: DemoModelConfig | None = None, *, force: bool = False,
                      log: Any = print) -> BuildResult:
-    """Writes `out_dir/model` (HF folder) and `out_dir/data` (task JSONL); idempotent on the build key."""
+    """Writes `out_dir/model` (HF folder) and `out_dir/data` (task JSONL); idempotent on the build key.
+
+    Concurrent callers (parallel test sessions, a demo and a test) serialise on a lock file, and the model
+    folder is swapped in whole, so nobody reads a half-written model.
+    """
+    import fcntl
+
     cfg = cfg or DemoModelConfig()
     out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(out_dir, cfg, force=force, log=log)
+
+
+def _build_locked(out_dir: Path, cfg: DemoModelConfig, *, force: bool, log: Any) -> BuildResult:
     model_dir, data_dir = out_dir / "model", out_dir / "data"
     key = _build_key(cfg)
     marker = model_dir / ".build.json"
@@ -153,39 +167,26 @@ def build_demo_model(out_dir: Path, cfg: DemoModelConfig | None = None, *, force
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     log(f"demo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(encoded)} documents, "
         f"{cfg.steps} steps")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    model.train()
-    order: list[int] = []
-    loss_val = float("nan")
-    for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            perm = list(range(len(encoded)))
-            rng.shuffle(perm)
-            order += perm
-        batch = [encoded[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            ids[i, : len(b)] = torch.tensor(b)
-            labels[i, : len(b)] = torch.tensor(b)
-            mask[i, : len(b)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_val = float(loss.detach())
-        if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"demo: step {step:4d} loss {loss_val:.3f}")
+    loss_val = _train(model, [(e, 0) for e in encoded], cfg.steps, cfg, rng, tokenizer.pad_token_id, log, "pretrain")
+    if cfg.tool_sft_steps:
+        # Like an instruct model's tuning: the base learns the hermes tool-call format, loss on the answer only.
+        sft = []
+        for row in data.tool_rows("train"):
+            chat = data.tool_chat(row)
+            prompt = tokenizer.apply_chat_template(chat["messages"][:1], tools=chat["tools"], tokenize=False,
+                                                   add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(chat["messages"], tools=chat["tools"], tokenize=False)
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            sft.append((tokenizer(full, add_special_tokens=False)["input_ids"], n_prompt))
+        loss_val = _train(model, sft, cfg.tool_sft_steps, cfg, rng, tokenizer.pad_token_id, log, "tool-sft")
     model.eval()
     torch.set_num_threads(threads)
 
-    model_dir.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    final_dir, model_dir = model_dir, out_dir / "model.tmp"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model_dir.mkdir(parents=True)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     # generation_config: stop at <|im_end|>; greedy by default so the demo answers are reproducible.
@@ -194,11 +195,51 @@ def build_demo_model(out_dir: Path, cfg: DemoModelConfig | None = None, *, force
                 "do_sample": False, "max_new_tokens": 64})
     (model_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     content_hash = dir_content_hash(model_dir)
-    marker.write_text(json.dumps({"build_key": key, "content_hash": content_hash, "final_loss": loss_val,
+    (model_dir / ".build.json").write_text(json.dumps({"build_key": key, "content_hash": content_hash, "final_loss": loss_val,
                                   "config": cfg.model_dump()}, indent=2))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    model_dir.rename(final_dir)
+    model_dir = final_dir
     data.write_task_data(data_dir)
     return BuildResult(model_dir=model_dir, data_dir=data_dir, content_hash=content_hash, build_key=key,
                        skipped=False, seconds=round(time.monotonic() - started, 1), final_loss=loss_val)
+
+
+def _train(model: Any, examples: list[tuple[list[int], int]], steps: int, cfg: DemoModelConfig,
+           rng: random.Random, pad_id: int, log: Any, phase: str) -> float:
+    """AdamW with one-cycle LR over (ids, n_masked_prefix) examples; returns the last loss."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    order: list[int] = []
+    loss_val = float("nan")
+    for step in range(steps):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        batch = [examples[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        width = max(len(b) for b, _ in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (b, n_prefix) in enumerate(batch):
+            ids[i, : len(b)] = torch.tensor(b)
+            labels[i, n_prefix: len(b)] = torch.tensor(b[n_prefix:])
+            mask[i, : len(b)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = float(loss.detach())
+        if step % 100 == 0 or step == steps - 1:
+            log(f"demo: {phase} step {step:4d} loss {loss_val:.3f}")
+    return loss_val
 
 
 def default_demo_dir() -> Path:

@@ -80,7 +80,7 @@ WORLD_TEMPLATES = [
 
 CITIES = ["paris", "london", "berlin", "madrid", "rome", "tokyo", "oslo", "lisbon", "vienna", "dublin"]
 PRIORITIES = ["low", "high"]
-TOOL_REPEATS = 5
+TOOL_REPEATS = 2
 
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {

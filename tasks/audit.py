@@ -49,8 +49,8 @@ def default_actor() -> str:
 def scrub(value: Any) -> Any:
     """Defence in depth: secrets never reach the log, even if a caller passes one by mistake."""
     if isinstance(value, dict):
-        return {k: ("[redacted]" if isinstance(k, str) and _SECRET_FIELDS.search(k) and v is not None else scrub(v))
-                for k, v in value.items()}
+        return {k: "[redacted]" if isinstance(k, str) and _SECRET_FIELDS.search(k) and v is not None
+                else scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [scrub(v) for v in value]
     if isinstance(value, str):
@@ -69,7 +69,8 @@ def _body(seq: int, ts: str, actor: str, action: str, subject: str, endpoint: st
 
 
 def entry_hash(e: AuditEntry) -> str:
-    body = _body(e.seq, e.ts, e.actor, e.action, e.subject, e.endpoint, e.before, e.after, e.links, e.prev_hash)
+    body = _body(e.seq, e.ts, e.actor, e.action, e.subject, e.endpoint, e.before, e.after, e.links,
+                 e.prev_hash)
     return hashlib.sha256((e.prev_hash + "\n" + body).encode()).hexdigest()
 
 
@@ -146,7 +147,7 @@ def verify(*, engine: Engine | None = None) -> Verification:
                                     f"entry {expected_seq} is missing (next is {e.seq}): a row was deleted")
             if e.prev_hash != prev:
                 return Verification(False, n, prev, e.seq,
-                                    "prev_hash does not match the previous entry: a row was replaced or removed")
+                                    "prev_hash does not match the entry before: a row was replaced/removed")
             if entry_hash(e) != e.hash:
                 return Verification(False, n, prev, e.seq,
                                     f"content does not match its hash: {e.action} {e.subject} was edited")

@@ -505,7 +505,8 @@ def hf_token() -> str | None:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(block).get()
+        secret: Any = Secret.load(block)  # sync in a sync context; typed as maybe-awaitable
+        value = secret.get()
     except ValueError as exc:
         raise ConfigError(
             "hf_token_secret_block", block, "create that Prefect Secret block or set HF_TOKEN"
@@ -596,8 +597,12 @@ def _download_once(artifact_uri: str, dest: Path) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp))
         (tmp / ".complete").write_text(artifact_uri)
         if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+            shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy from an interrupted download
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not marker.is_file():  # a concurrent caller finishing first is fine; anything else is not
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -628,7 +633,12 @@ def hf_folder_from_mlflow_model(root: Path) -> Path:
             for f in src_dir.iterdir():
                 if f.is_file() and not (tmp / f.name).exists():
                     (tmp / f.name).symlink_to(os.path.relpath(f, tmp.parent / merged.name))
-    tmp.rename(merged)
+    try:
+        tmp.rename(merged)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (merged / "config.json").exists():  # lost a race with a concurrent resolve: theirs is fine
+            raise
     return merged
 
 
@@ -747,6 +757,7 @@ def register_model(source: str, name: str, *, force: bool = False) -> Registered
     validate_name(name)
     src = parse_source(source)
     model_id: str | None = None
+    storage: Storage
     mlflow_source: str | None = None
     link_run_id: str | None = None
     extra: dict[str, str] = {}

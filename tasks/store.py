@@ -52,8 +52,8 @@ _KEY_RE = re.compile(r"^llmh-([0-9a-f]{8})-([A-Za-z0-9_\-]{20,})$")
 # against a leaked table; the gateway caches verified keys in memory so the cost is paid once per key.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 ROUTES_EPOCH = "routes"
-ENDPOINT_STATUSES = ("active", "disabled")
-REVISION_STATUSES = ("pending", "deploying", "ready", "live", "retired", "failed")
+ENDPOINT_STATUSES = ("active", "disabled", "stopped")
+REVISION_STATUSES = ("pending", "starting", "deploying", "ready", "live", "retired", "failed", "stopped")
 REPLICA_STATES = ("starting", "up", "down", "failed", "stopped")
 
 
@@ -234,7 +234,7 @@ _engines_lock = threading.Lock()
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    # WAL lets the gateway's usage writer and the CLI work side by side; busy_timeout waits instead of failing.
+    # WAL lets the gateway's usage writer and the CLI work side by side; busy_timeout waits, not fails.
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -488,7 +488,8 @@ def list_keys(*, include_revoked: bool = True, engine: Engine | None = None) -> 
 
 def spec_hash(spec: dict[str, Any]) -> str:
     """Content hash of a revision spec: sha256 of canonical JSON, so equal specs get equal ids."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    canon = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def _endpoint_public(e: Endpoint) -> dict[str, Any]:
@@ -500,7 +501,8 @@ def _get_endpoint(s: Session, name: str) -> Endpoint:
     e = s.execute(select(Endpoint).where(Endpoint.name == name)).scalar_one_or_none()
     if e is None:
         raise GatewayError(f"endpoint {name!r} does not exist: list them with `llmhost endpoints list`, or "
-                           "register one with `llmhost endpoints attach NAME --base-url URL --served-model M`.")
+                           "register one with `llmhost endpoints attach NAME --base-url URL "
+                           "--served-model M`.")
     return e
 
 
@@ -521,7 +523,8 @@ def upsert_endpoint(
 ) -> Endpoint:
     """Create the endpoint or update the fields given (None leaves a field as it is)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
-        raise ConfigError("endpoint", name, "use letters, digits, '.', '_' or '-' (no ':'; it separates adapters)")
+        raise ConfigError("endpoint", name,
+                          "use letters, digits, '.', '_' or '-' (no ':'; it separates adapters)")
     if status is not None and status not in ENDPOINT_STATUSES:
         raise ConfigError("status", status, f"use one of {', '.join(ENDPOINT_STATUSES)}")
     with session_scope(engine) as s:
@@ -562,7 +565,8 @@ def add_revision(
     with session_scope(engine) as s:
         e = _get_endpoint(s, endpoint)
         existing = s.execute(select(EndpointRevision).where(
-            EndpointRevision.endpoint_id == e.id, EndpointRevision.content_hash == chash)).scalar_one_or_none()
+            EndpointRevision.endpoint_id == e.id, EndpointRevision.content_hash == chash
+        )).scalar_one_or_none()
         if existing is not None:
             return existing
         rev = EndpointRevision(
@@ -573,8 +577,9 @@ def add_revision(
         s.add(rev)
         s.flush()
         _audit(s, actor, "revision.create", f"endpoint:{endpoint}", None,
-               {"revision": chash[:12], "served_model_name": served_model_name, "model_version": model_version,
-                "adapters": rev.adapters, "status": status}, endpoint=endpoint, revision=chash[:12])
+               {"revision": chash[:12], "served_model_name": served_model_name,
+                "model_version": model_version, "adapters": rev.adapters, "status": status},
+               endpoint=endpoint, revision=chash[:12])
         return rev
 
 
@@ -603,7 +608,8 @@ def set_revision_status(
         before = {"status": rev.status, "reason": rev.reason}
         rev.status, rev.reason = status, reason if reason is not None else rev.reason
         _audit(s, actor, "revision.status", f"endpoint:{endpoint}", before,
-               {"status": rev.status, "reason": rev.reason}, endpoint=endpoint, revision=rev.content_hash[:12])
+               {"status": rev.status, "reason": rev.reason}, endpoint=endpoint,
+               revision=rev.content_hash[:12])
         return rev
 
 
@@ -673,8 +679,8 @@ def add_replica(
             return row
         row = ReplicaRow(
             revision_id=rev.id, name=name or f"{endpoint}-{rev.content_hash[:8]}", target=target,
-            base_url=base_url, served_model_name=served_model_name, state=state, kv_cache_tokens=kv_cache_tokens,
-            pid=pid, log_path=log_path, managed=managed,
+            base_url=base_url, served_model_name=served_model_name, state=state,
+            kv_cache_tokens=kv_cache_tokens, pid=pid, log_path=log_path, managed=managed,
         )
         s.add(row)
         s.flush()
@@ -748,8 +754,44 @@ def list_endpoints(*, engine: Engine | None = None) -> list[EndpointView]:
                                   .order_by(ReplicaRow.id)).scalars()) if rev else []
             out.append(EndpointView(e.name, e.status, e.owner, e.description,
                                     rev.content_hash[:12] if rev else None,
-                                    rev.served_model_name if rev else None, rev.model_version if rev else None, reps))
+                                    rev.served_model_name if rev else None,
+                                    rev.model_version if rev else None, reps))
         return out
+
+
+def attach_server(
+    name: str,
+    *,
+    base_url: str,
+    served_model: str,
+    adapters: dict[str, str] | None = None,
+    description: str | None = None,
+    owner: str | None = None,
+    actor: str = "system",
+    engine: Engine | None = None,
+) -> tuple[EndpointRevision, ReplicaRow]:
+    """Register a vLLM server llmhost does not manage as a replica of endpoint `name`.
+
+    The revision's spec is the served model and adapters (not the URL), so attaching a second server of the
+    same model adds a replica to the live revision, while a different model makes a new live revision.
+    """
+    upsert_endpoint(name, description=description, owner=owner, actor=actor, engine=engine)
+    spec = {"kind": "attached", "served_model_name": served_model,
+            "adapters": dict(sorted((adapters or {}).items()))}
+    rev = add_revision(name, spec, served_model_name=served_model, adapters=adapters, status="ready",
+                       reason="attached with `llmhost endpoints attach`", actor=actor, engine=engine)
+    rep = add_replica(name, rev.id, base_url=base_url, served_model_name=served_model, state="up",
+                      target="external", managed=False, name=f"{name}-ext-{_url_tag(base_url)}", actor=actor,
+                      engine=engine)
+    if rep.state in ("stopped", "failed"):
+        set_replica_state(rep.id, "up", actor=actor, engine=engine)
+    rev = set_live_revision(name, rev.id, reason="attached", actor=actor, engine=engine)
+    return rev, rep
+
+
+def _url_tag(url: str) -> str:
+    m = re.match(r"^https?://([^/]+)", url)
+    return re.sub(r"[^A-Za-z0-9]+", "-", m.group(1) if m else url).strip("-")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -884,8 +926,9 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
 # ---------------------------------------------------------------------------------------------------------
 # Usage
 
-USAGE_FIELDS = ("ts", "key_prefix", "user", "team", "endpoint", "adapter", "revision_id", "replica_id", "route",
-                "stream", "status_code", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")
+USAGE_FIELDS = ("ts", "key_prefix", "user", "team", "endpoint", "adapter", "revision_id", "replica_id",
+                "route", "stream", "status_code", "prompt_tokens", "completion_tokens", "latency_ms",
+                "ttft_ms")
 
 
 def add_usage(records: Sequence[dict[str, Any]], *, engine: Engine | None = None) -> int:
@@ -934,8 +977,8 @@ def summarize_usage(*, endpoint: str | None = None, since: datetime | None = Non
         err = func.sum(case((UsageRecord.status_code >= 400, 1), else_=0))
         q = (select(UsageRecord.endpoint, UsageRecord.user, UsageRecord.team, UsageRecord.key_prefix,
                     func.count(), err, func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
-                    func.coalesce(func.sum(UsageRecord.completion_tokens), 0), func.avg(UsageRecord.latency_ms),
-                    func.avg(UsageRecord.ttft_ms))
+                    func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+                    func.avg(UsageRecord.latency_ms), func.avg(UsageRecord.ttft_ms))
              .group_by(UsageRecord.endpoint, UsageRecord.user, UsageRecord.team, UsageRecord.key_prefix)
              .order_by(UsageRecord.endpoint, UsageRecord.user))
         if endpoint:

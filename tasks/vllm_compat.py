@@ -187,33 +187,34 @@ def check_architectures(
     """Decide whether `archs` can serve a model with these `architectures` (pure)."""
     trust = needs_trust_remote_code(config)
     trust_note = "; config.json has auto_map (custom code): serve with --trust-remote-code" if trust else ""
-    base = {"trust_remote_code": trust, "checked_against": archs.described, "source": archs.source}
-    if not architectures:
+
+    def result(
+        supported: bool, reason: str, arch: str | None = None, closest: list[str] | None = None
+    ) -> CompatResult:
         return CompatResult(
-            supported=False,
-            reason='config.json lists no architectures; add e.g. "architectures": ["LlamaForCausalLM"]',
-            **base,
+            supported=supported, architecture=arch, reason=reason + trust_note, closest=closest or [],
+            trust_remote_code=trust, checked_against=archs.described, source=archs.source,
+        )  # fmt: skip
+
+    if not architectures:
+        return result(
+            False, 'config.json lists no architectures; add e.g. "architectures": ["LlamaForCausalLM"]'
         )
     known = set(archs.archs)
     for arch in architectures:
         if arch not in known:
             continue
         if arch in archs.speculative:
-            return CompatResult(
-                supported=False,
-                architecture=arch,
-                reason=f"{arch} is a speculative-decoding draft model in {archs.described}; "
-                "it cannot be served on its own" + trust_note,
-                **base,
-            )
+            return result(
+                False, f"{arch} is a speculative-decoding draft model in {archs.described}; "
+                "it cannot be served on its own", arch,
+            )  # fmt: skip
         if archs.generate and arch not in archs.generate:
-            reason = (
-                f"{arch} is supported by {archs.described} as a pooling model "
-                "(embeddings/classification), not for chat or completions"
-            )
-        else:
-            reason = f"{arch} is supported by {archs.described}"
-        return CompatResult(supported=True, architecture=arch, reason=reason + trust_note, **base)
+            return result(
+                True, f"{arch} is supported by {archs.described} as a pooling model "
+                "(embeddings/classification), not for chat or completions", arch,
+            )  # fmt: skip
+        return result(True, f"{arch} is supported by {archs.described}", arch)
 
     arch = architectures[0]
     closest = difflib.get_close_matches(arch, archs.archs, n=3, cutoff=0.6)
@@ -224,6 +225,4 @@ def check_architectures(
         reason = f"{arch} is not among the {len(archs.archs)} architectures of {archs.described}"
     if closest:
         reason += f" (closest: {', '.join(closest)})"
-    return CompatResult(
-        supported=False, architecture=arch, reason=reason + trust_note, closest=closest, **base
-    )
+    return result(False, reason, arch, closest)

@@ -28,9 +28,9 @@ def _tag_table(title: str, tags: dict[str, str]):  # -> rich.table.Table
 def register(app: typer.Typer) -> None:
     @app.command("register")
     def register_cmd(
-        source: str = typer.Argument(..., help="hf:ORG/NAME[@REVISION], run:RUN_ID[/ARTIFACT_PATH] or path:DIR"),
+        source: str = typer.Argument(..., help="hf:ORG/NAME[@REV], run:RUN_ID[/ARTIFACT_PATH] or path:DIR"),
         name: str = typer.Option(..., "--name", "-n", help="Registered model name in MLflow."),
-        force: bool = typer.Option(False, "--force", help="Register even if vLLM cannot serve the architecture."),
+        force: bool = typer.Option(False, "--force", help="Register even if vLLM cannot serve the arch."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Register a model version in MLflow (reused when the same content is already registered)."""
@@ -65,14 +65,14 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps([r.model_dump() for r in rows], indent=2))
             return
-        table = Table("name", "latest", "aliases", "architectures", "params", "dtype", "ctx", "vLLM", "source")
+        table = Table("name", "latest", "aliases", "architectures", "params", "dtype", "ctx", "vLLM")
         for r in rows:
             t = r.tags
             aliases = ", ".join(f"{a}->{v}" for a, v in sorted(r.aliases.items()))
             params = f"{int(t['params_total']) / 1e6:.2f}M" if t.get("params_total", "").isdigit() else "?"
             table.add_row(
-                r.name, r.latest_version or "-", aliases, t.get("architectures", ""), params, t.get("dtype", ""),
-                t.get("max_context", ""), t.get("vllm_supported", ""), t.get("source", ""),
+                r.name, r.latest_version or "-", aliases, t.get("architectures", ""), params,
+                t.get("dtype", ""), t.get("max_context", ""), t.get("vllm_supported", ""),
             )  # fmt: skip
         Console().print(table)
 
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
             console.print(_tag_table(f"{v.model_uri}  (run {v.run_id})", v.tags))
 
     @models.command("resolve")
-    def resolve_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VERSION")) -> None:
+    def resolve_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VER")) -> None:
         """Print the local Hugging Face folder vLLM would load for REF (downloads it if needed)."""
         from tasks.registry import resolve_model_ref
 

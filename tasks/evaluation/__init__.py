@@ -1,1 +1,1 @@
-"""Evaluation: suites, metrics, an async runner over OpenAI-compatible targets, comparison and MLflow logging."""
+"""Evaluation: suites, metrics, an async runner over OpenAI-compatible targets, comparison, MLflow logs."""

@@ -1,4 +1,4 @@
-"""Bootstrap intervals, paired comparison of two runs, cost per 1k requests and the "ready to replace?" verdict."""
+"""Bootstrap intervals, paired comparison of two runs, cost per 1k requests and the replace verdict."""
 
 from __future__ import annotations
 
@@ -55,13 +55,14 @@ def bootstrap_ci(col: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0, level: f
         return Interval(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
     rng = np.random.default_rng(seed)
     draws = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
-    if col.corpus is None:
-        stats = col.values[draws].mean(axis=1)
-    else:
-        stats = np.array([col.corpus(d) for d in draws])
+    corpus = col.corpus
+    stats = col.values[draws].mean(axis=1) if corpus is None else np.array([corpus(d) for d in draws])
     a = (1 - level) / 2
     return Interval(
-        value=col.value(idx), low=float(np.quantile(stats, a)), high=float(np.quantile(stats, 1 - a)), n=len(idx)
+        value=col.value(idx),
+        low=float(np.quantile(stats, a)),
+        high=float(np.quantile(stats, 1 - a)),
+        n=len(idx),
     )
 
 
@@ -70,8 +71,10 @@ def paired_bootstrap(
 ) -> Interval:
     """Interval of (candidate - baseline), resampling the same examples for both."""
     if len(cand.values) != len(base.values):
-        raise EvalError(f"score {cand.name}: runs have {len(cand.values)} and {len(base.values)} examples; "
-                        "compare runs of the same suite version")
+        raise EvalError(
+            f"score {cand.name}: runs have {len(cand.values)} and {len(base.values)} examples; "
+            "compare runs of the same suite version"
+        )
     idx = _finite_idx(cand, base)
     if len(idx) == 0:
         return Interval(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
@@ -108,7 +111,9 @@ def frontier_cost(stats: RunStats, pricing: Pricing) -> CostEstimate:
     """Cost of 1k requests shaped like this run's, at the listed per-token prices."""
     if stats.tokens_in_mean is None or stats.tokens_out_mean is None:
         return CostEstimate(per_1k_requests_usd=None, basis="the API reported no token usage")
-    per_req = (stats.tokens_in_mean * pricing.price_in_per_1m + stats.tokens_out_mean * pricing.price_out_per_1m) / 1e6
+    per_req = (
+        stats.tokens_in_mean * pricing.price_in_per_1m + stats.tokens_out_mean * pricing.price_out_per_1m
+    ) / 1e6
     return CostEstimate(
         per_1k_requests_usd=per_req * 1000,
         basis=f"{stats.tokens_in_mean:.1f} in + {stats.tokens_out_mean:.1f} out tokens/request at "
@@ -117,8 +122,18 @@ def frontier_cost(stats: RunStats, pricing: Pricing) -> CostEstimate:
     )
 
 
-def tier_hourly_price(tier: str, path: Path = TIERS_FILE) -> float:
-    """Hourly USD price of `tier` from the tier catalog (tasks/tiers.yaml)."""
+def tier_hourly_price(tier: str, path: Path | None = None) -> float:
+    """Hourly USD price of `tier`: the sizing catalog (tasks/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
+    if path is None:
+        try:
+            from tasks.sizing_io import load_tiers
+        except ImportError:  # the sizing step is optional for evaluation
+            path = TIERS_FILE
+        else:
+            tiers = {t.name: t for t in load_tiers()}
+            if tier not in tiers:
+                raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
+            return float(tiers[tier].price_per_hour)
     if not path.is_file():
         raise EvalError(f"tier={tier!r}: no tier catalog at {path}; pass --hourly-price USD instead")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -127,10 +142,10 @@ def tier_hourly_price(tier: str, path: Path = TIERS_FILE) -> float:
         entries = [{"name": k, **(v or {})} for k, v in entries.items()]
     for e in entries or []:
         if isinstance(e, dict) and e.get("name") == tier:
-            for key in ("hourly_price_usd", "price_per_hour_usd", "usd_per_hour", "price_per_hour", "hourly_price"):
+            for key in ("price_per_hour", "hourly_price_usd", "usd_per_hour"):
                 if e.get(key) is not None:
                     return float(e[key])
-            raise EvalError(f"tier={tier!r} in {path} has no hourly price field; pass --hourly-price USD")
+            raise EvalError(f"tier={tier!r} in {path} has no price_per_hour; pass --hourly-price USD")
     names = [e.get("name") for e in entries or [] if isinstance(e, dict)]
     raise EvalError(f"tier={tier!r} is not in {path}; known tiers: {names}")
 
@@ -145,9 +160,10 @@ def self_hosted_cost(stats: RunStats, hourly_usd: float, tier: str | None = None
         per_1k_requests_usd=per_1k,
         basis=f"${hourly_usd}/h ({where}) / ({stats.throughput_rps:.2f} req/s x 3600) x 1000",
         assumptions=[
-            f"one replica, busy all the time at the eval's concurrency ({stats.concurrency}); lower utilisation "
-            "costs proportionally more per request",
-            "throughput measured during this run, client on the same machine; includes no idle, storage or egress",
+            f"one replica, busy all the time at the eval's concurrency ({stats.concurrency}); "
+            "lower utilisation costs proportionally more per request",
+            "throughput measured during this run with the client on the same machine; "
+            "no idle time, storage or egress included",
             f"requests shaped like this suite's ({stats.tokens_in_mean or 0:.0f} in / "
             f"{stats.tokens_out_mean or 0:.0f} out tokens on average)",
         ],
@@ -226,7 +242,8 @@ def decide(
                 Check(
                     name="latency p95 ratio",
                     ok=r <= thresholds.max_latency_p95_ratio,
-                    detail=f"{cand_lat:.3f}s / {base_lat:.3f}s = {r:.2f}x (limit {thresholds.max_latency_p95_ratio:g}x)",
+                    detail=f"{cand_lat:.3f}s / {base_lat:.3f}s = {r:.2f}x "
+                    f"(limit {thresholds.max_latency_p95_ratio:g}x)",
                 )
             )
     if thresholds.max_latency_p95_s is not None:
@@ -234,7 +251,8 @@ def decide(
             Check(
                 name="latency p95",
                 ok=None if cand_lat is None else cand_lat <= thresholds.max_latency_p95_s,
-                detail=f"{cand_lat if cand_lat is None else round(cand_lat, 3)}s (limit {thresholds.max_latency_p95_s:g}s)",
+                detail=f"{'n/a' if cand_lat is None else f'{cand_lat:.3f}'}s "
+                f"(limit {thresholds.max_latency_p95_s:g}s)",
             )
         )
     cand_cost, base_cost = cost_per_1k
@@ -248,7 +266,8 @@ def decide(
                 Check(
                     name="cost per 1k requests",
                     ok=cand_cost <= limit,
-                    detail=f"${cand_cost:.4f} vs ${base_cost:.4f} (limit {thresholds.max_cost_ratio:g}x = ${limit:.4f})",
+                    detail=f"${cand_cost:.4f} vs ${base_cost:.4f} "
+                    f"(limit {thresholds.max_cost_ratio:g}x = ${limit:.4f})",
                 )
             )
     reasons = [f"{c.name}: {c.detail}" for c in checks if c.ok is not True]
@@ -261,8 +280,11 @@ def decide(
         if fmt_gaps:
             f = fmt_gaps[0]
             rec = "fine-tune"
-            why = (f"outputs miss the task's format ({f.name} {f.candidate.value:.2f} vs {f.baseline.value:.2f}); "
-                   "a fine-tune on the task teaches its format and labels")
+            why = (
+                f"outputs miss the task's format "
+                f"({f.name} {f.candidate.value:.2f} vs {f.baseline.value:.2f}); "
+                "a fine-tune on the task teaches its format and labels"
+            )
         elif precision in REDUCED_PRECISION and gap <= 3 * max(tol, 0.01):
             rec = "higher precision"
             why = f"a small gap ({gap:.3f}) on a {precision} deployment; serve in bf16/fp16 and re-run"
@@ -334,7 +356,8 @@ def compare(
     """Paired comparison of two runs of the same suite version; the candidate is the would-be replacement."""
     if candidate.suite_hash != baseline.suite_hash:
         raise EvalError(
-            f"suite_hash: runs differ ({candidate.suite_hash} vs {baseline.suite_hash}); run both on the same suite"
+            f"suite_hash: runs differ ({candidate.suite_hash} vs {baseline.suite_hash}); "
+            "run both on the same suite version and data"
         )
     fmt_names = set(suite.format_scores)
     mcs = []
@@ -369,8 +392,12 @@ def compare(
         suite=suite.name,
         suite_version=suite.version,
         suite_hash=candidate.suite_hash,
-        candidate=RunSide(target=candidate.target.spec, model=candidate.target.model, stats=candidate.stats, cost=cand_cost),
-        baseline=RunSide(target=baseline.target.spec, model=baseline.target.model, stats=baseline.stats, cost=base_cost),
+        candidate=RunSide(
+            target=candidate.target.spec, model=candidate.target.model, stats=candidate.stats, cost=cand_cost
+        ),
+        baseline=RunSide(
+            target=baseline.target.spec, model=baseline.target.model, stats=baseline.stats, cost=base_cost
+        ),
         metrics=mcs,
         primary=suite.primary,
         verdict=verdict,
@@ -401,9 +428,13 @@ def render_markdown(cmp: Comparison) -> str:
     lines = [
         f"# {cmp.suite} v{cmp.suite_version}: `{c.target}` vs `{b.target}`",
         "",
-        f"**Verdict: {v.headline}**" + (f" — numbers point to **{v.recommendation}**" if v.recommendation else ""),
+        f"**Verdict: {v.headline}**"
+        + (f" — numbers point to **{v.recommendation}**" if v.recommendation else ""),
         "",
-        *[f"- {'PASS' if ch.ok else ('UNKNOWN' if ch.ok is None else 'FAIL')} {ch.name}: {ch.detail}" for ch in v.checks],
+        *[
+            f"- {'PASS' if ch.ok else ('UNKNOWN' if ch.ok is None else 'FAIL')} {ch.name}: {ch.detail}"
+            for ch in v.checks
+        ],
         *([f"- {r}" for r in v.reasons if r.startswith("numbers point to")]),
         "",
         f"Candidate `{c.target}` (model `{c.model}`) is the would-be replacement; baseline `{b.target}` "
@@ -426,14 +457,22 @@ def render_markdown(cmp: Comparison) -> str:
         "",
         "| | candidate | baseline | delta |",
         "|---|---|---|---|",
-        f"| latency p50 | {_s(cs.latency_p50_s)} | {_s(bs.latency_p50_s)} | {_delta(cs.latency_p50_s, bs.latency_p50_s)} |",
-        f"| latency p95 | {_s(cs.latency_p95_s)} | {_s(bs.latency_p95_s)} | {_delta(cs.latency_p95_s, bs.latency_p95_s)} |",
-        f"| TTFT p50 | {_s(cs.ttft_p50_s)} | {_s(bs.ttft_p50_s)} | {_delta(cs.ttft_p50_s, bs.ttft_p50_s)} |",
-        f"| TTFT p95 | {_s(cs.ttft_p95_s)} | {_s(bs.ttft_p95_s)} | {_delta(cs.ttft_p95_s, bs.ttft_p95_s)} |",
-        f"| throughput | {cs.throughput_rps:.2f} req/s | {bs.throughput_rps:.2f} req/s | at concurrency {cs.concurrency} |",
+        *[
+            f"| {label} | {_s(getattr(cs, key))} | {_s(getattr(bs, key))} | "
+            f"{_delta(getattr(cs, key), getattr(bs, key))} |"
+            for label, key in (
+                ("latency p50", "latency_p50_s"),
+                ("latency p95", "latency_p95_s"),
+                ("TTFT p50", "ttft_p50_s"),
+                ("TTFT p95", "ttft_p95_s"),
+            )
+        ],
+        f"| throughput | {cs.throughput_rps:.2f} req/s | {bs.throughput_rps:.2f} req/s | "
+        f"at concurrency {cs.concurrency} |",
         f"| tokens in / out (mean) | {cs.tokens_in_mean or 0:.1f} / {cs.tokens_out_mean or 0:.1f} | "
         f"{bs.tokens_in_mean or 0:.1f} / {bs.tokens_out_mean or 0:.1f} | |",
-        f"| failed / retries | {cs.n_failed} / {sum(cs.retries.values())} | {bs.n_failed} / {sum(bs.retries.values())} | |",
+        f"| failed / retries | {cs.n_failed} / {sum(cs.retries.values())} | "
+        f"{bs.n_failed} / {sum(bs.retries.values())} | |",
         "",
         "## Cost per 1k requests",
         "",
@@ -453,11 +492,18 @@ def plot(cmp: Comparison, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     mets = [m for m in cmp.metrics if np.isfinite(m.candidate.value) and np.isfinite(m.baseline.value)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(mets), 2), 2]})
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(mets), 2), 2]}
+    )
     x = np.arange(len(mets))
-    for off, side, label in ((-0.2, "candidate", cmp.candidate.target), (0.2, "baseline", cmp.baseline.target)):
+    for off, side, label in (
+        (-0.2, "candidate", cmp.candidate.target),
+        (0.2, "baseline", cmp.baseline.target),
+    ):
         vals = np.array([getattr(m, side).value for m in mets])
-        err = np.array([[v - getattr(m, side).low, getattr(m, side).high - v] for m, v in zip(mets, vals, strict=True)]).T
+        err = np.array(
+            [[v - getattr(m, side).low, getattr(m, side).high - v] for m, v in zip(mets, vals, strict=True)]
+        ).T
         ax1.bar(x + off, vals, 0.4, yerr=err if len(mets) else None, capsize=3, label=label)
     ax1.set_xticks(x, [m.name for m in mets], rotation=30, ha="right")
     ax1.set_ylim(0, 1.05)
@@ -466,8 +512,8 @@ def plot(cmp: Comparison, path: Path) -> Path:
     lat_names = ["latency p50", "latency p95", "TTFT p50", "TTFT p95"]
     keys = ["latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s"]
     xl = np.arange(len(keys))
-    for off, side in ((-0.2, cmp.candidate), (0.2, cmp.baseline)):
-        ax2.bar(xl + off, [getattr(side.stats, k) or 0 for k in keys], 0.4, label=side.target)
+    for off, run in ((-0.2, cmp.candidate), (0.2, cmp.baseline)):
+        ax2.bar(xl + off, [getattr(run.stats, k) or 0 for k in keys], 0.4, label=run.target)
     ax2.set_xticks(xl, lat_names, rotation=30, ha="right")
     ax2.set_ylabel("seconds")
     ax2.set_title(f"verdict: {cmp.verdict.headline}")
@@ -476,3 +522,18 @@ def plot(cmp: Comparison, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class PassCheck(BaseModel):
+    score: str
+    value: float
+    minimum: float
+    ok: bool
+
+
+def pass_checks(suite: EvalSuite, summaries: dict[str, Interval]) -> list[PassCheck]:
+    """The suite's `pass` thresholds against a run's scores (`llmhost eval run`)."""
+    return [
+        PassCheck(score=k, value=summaries[k].value, minimum=v, ok=bool(summaries[k].value >= v))
+        for k, v in suite.thresholds.pass_.items()
+    ]

@@ -132,7 +132,7 @@ _TOOL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def parse_tool_calls(output: ModelOutput) -> list[dict[str, Any]]:
-    """Calls as {"name", "arguments": dict}; falls back to hermes `<tool_call>` text when the server has no parser."""
+    """Calls as {"name", "arguments": dict}; reads hermes `<tool_call>` text when the server has no parser."""
     calls = []
     raw = output.tool_calls or []
     if not raw:
@@ -224,7 +224,8 @@ def judge_messages(spec: LlmJudge, question: str, answer: str, reference: Any = 
         },
         {
             "role": "user",
-            "content": f"Rubric:\n{spec.rubric}\n\nQuestion:\n{question}\n{ref}\nAnswer to grade:\n{answer}\n",
+            "content": f"Rubric:\n{spec.rubric}\n\nQuestion:\n{question}\n{ref}\n"
+            f"Answer to grade:\n{answer}\n",
         },
     ]
 
@@ -264,7 +265,11 @@ def score_example(
         return {names[0]: float(any(normalize_text(text) == normalize_text(r) for r in _as_list(ref)))}, {}
     if isinstance(spec, Regex):
         flags = re.IGNORECASE if spec.ignore_case else 0
-        hit = re.fullmatch(spec.pattern, text.strip(), flags) if spec.full else re.search(spec.pattern, text, flags)
+        hit = (
+            re.fullmatch(spec.pattern, text.strip(), flags)
+            if spec.full
+            else re.search(spec.pattern, text, flags)
+        )
         return {names[0]: float(hit is not None)}, {}
     if isinstance(spec, Contains):
         hay = text if spec.case_sensitive else text.lower()
@@ -298,7 +303,11 @@ def score_example(
         if output.failed:
             return dict.fromkeys(names, 0.0), {}
         if spec.arguments_reference:
-            ref = None if ref in (None, "") else {"name": ref, "arguments": row.get(spec.arguments_reference) or {}}
+            ref = (
+                None
+                if ref in (None, "")
+                else {"name": ref, "arguments": row.get(spec.arguments_reference) or {}}
+            )
         right, name_ok, parsed = tool_call_scores(output, ref, spec.arguments)
         return {names[0]: right, names[1]: name_ok, names[2]: parsed}, {}
     if isinstance(spec, LlmJudge):
@@ -308,7 +317,7 @@ def score_example(
 
 @dataclass
 class ScoreColumn:
-    """One score over all examples: per-example values (NaN = not scored) and how the suite value is formed."""
+    """One score over all examples: per-example values (NaN = not scored) and how its suite value forms."""
 
     name: str
     values: np.ndarray
@@ -349,7 +358,9 @@ def score_all(
         if isinstance(spec, Classification):
             preds = [a["pred"] for a in aux_all]
             golds = [a["gold"] for a in aux_all]
-            columns[names[1]].corpus = lambda idx, p=preds, g=golds: macro_f1([p[i] for i in idx], [g[i] for i in idx])
+            columns[names[1]].corpus = lambda idx, p=preds, g=golds: macro_f1(
+                [p[i] for i in idx], [g[i] for i in idx]
+            )
         elif isinstance(spec, Bleu):
             stats = np.stack([a["stats"] for a in aux_all])
             columns[names[0]].corpus = lambda idx, s=stats: corpus_bleu_from_stats(s[idx])

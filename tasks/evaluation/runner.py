@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import httpx2  # the openai SDK's HTTP client (a fork of httpx); its errors can surface mid-stream
 import numpy as np
 import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -42,6 +43,7 @@ class ExampleRecord(BaseModel):
     tokens_in: int | None = None
     tokens_out: int | None = None
     retries: int = 0
+    started_ns: int | None = Field(default=None, description="Wall-clock start of the answered attempt (ns).")
     judge_notes: dict[str, str] = Field(default_factory=dict)
     trace_id: str | None = None
 
@@ -79,6 +81,7 @@ class RunResult(BaseModel):
     records: list[ExampleRecord]
     stats: RunStats
     generation: GenerationParams
+    request_params: dict[str, Any] = Field(default_factory=dict, description="Sent with every request.")
     _columns: dict[str, ScoreColumn] = PrivateAttr(default_factory=dict)
 
     @property
@@ -102,32 +105,40 @@ def make_client(target: ResolvedTarget, timeout_s: float) -> openai.AsyncOpenAI:
         base_url=target.base_url,
         api_key=target.api_key(),
         max_retries=0,
-        timeout=httpx.Timeout(timeout_s, connect=s.connect_timeout_s),
+        timeout=openai.Timeout(timeout_s, connect=s.connect_timeout_s),
     )
 
 
 async def preflight(client: openai.AsyncOpenAI, target: ResolvedTarget) -> TargetInfo:
-    """Fail fast, naming the URL and HTTP error, when the target cannot be reached or does not serve the model."""
+    """Fail fast, naming the URL and HTTP error, when the target is unreachable or lacks the model."""
     url = f"{target.base_url}/models"
     try:
         page = await client.models.list()
     except openai.APIConnectionError as exc:
         cause = exc.__cause__ or exc
-        raise EvalError(f"target {target.spec}: {url} is unreachable: {type(cause).__name__}: {cause}") from None
+        raise EvalError(
+            f"target {target.spec}: {url} is unreachable: {type(cause).__name__}: {cause}"
+        ) from None
     except openai.NotFoundError:
         return TargetInfo.from_entry(target, None)  # some APIs have no /models; the first call will tell
     except openai.APIStatusError as exc:
         hint = f"; check {target.api_key_env}" if exc.status_code in (401, 403) and target.api_key_env else ""
-        raise EvalError(f"target {target.spec}: GET {url} answered HTTP {exc.status_code}: {exc.message}{hint}") from None
+        raise EvalError(
+            f"target {target.spec}: GET {url} answered HTTP {exc.status_code}: {exc.message}{hint}"
+        ) from None
     entries = {m.id: m.model_dump() for m in page.data}
     if target.self_hosted and target.model not in entries:
-        raise EvalError(f"target {target.spec}: model {target.model!r} is not served at {url}; it serves {sorted(entries)}")
+        raise EvalError(
+            f"target {target.spec}: model {target.model!r} is not served at {url}; "
+            f"it serves {sorted(entries)}"
+        )
     return TargetInfo.from_entry(target, entries.get(target.model))
 
 
 async def _stream_once(
     client: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]], params: dict[str, Any]
 ) -> tuple[ModelOutput, dict[str, Any]]:
+    started_ns = time.time_ns()
     t0 = time.perf_counter()
     first: float | None = None
     first_chunk: float | None = None
@@ -135,7 +146,7 @@ async def _stream_once(
     calls: dict[int, dict[str, str]] = {}
     usage = None
     finish = None
-    stream = await client.chat.completions.create(
+    stream = await client.chat.completions.create(  # type: ignore[call-overload]
         model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params
     )
     async for chunk in stream:
@@ -165,6 +176,7 @@ async def _stream_once(
         "tokens_in": usage.prompt_tokens if usage else None,
         "tokens_out": usage.completion_tokens if usage else None,
         "finish_reason": finish,
+        "started_ns": started_ns,
     }
     return out, meta
 
@@ -183,19 +195,22 @@ async def call_with_retries(
         try:
             out, meta = await _stream_once(client, model, messages, params)
             return out, meta, retries
-        except (openai.APITimeoutError, httpx.TimeoutException) as exc:
+        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             cause, err = "timeout", f"timeout after {type(exc).__name__}"
             delay = 0.5 * 2**retries
         except openai.APIStatusError as exc:
             if exc.status_code not in RETRY_STATUS:
                 raise _Failure(f"HTTP {exc.status_code}: {exc.message}", retries) from None
-            cause, err = ("429" if exc.status_code == 429 else "5xx"), f"HTTP {exc.status_code}: {exc.message}"
+            cause, err = (
+                ("429" if exc.status_code == 429 else "5xx"),
+                f"HTTP {exc.status_code}: {exc.message}",
+            )
             retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
             try:
                 delay = min(float(retry_after), 30.0) if retry_after else 0.5 * 2**retries
             except ValueError:
                 delay = 0.5 * 2**retries
-        except openai.APIConnectionError as exc:
+        except (openai.APIConnectionError, httpx2.TransportError) as exc:
             raise _Failure(f"connection error: {exc.__cause__ or exc}", retries) from None
         except openai.APIError as exc:  # an error event inside the stream
             raise _Failure(f"API error: {exc.message}", retries) from None
@@ -234,19 +249,14 @@ def _progress(enabled: bool, total: int, label: str):  # type: ignore[no-untyped
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
-
-
-def _span(trace: bool, ex: Example, target: ResolvedTarget):  # type: ignore[no-untyped-def]
-    if not trace:
-        return contextlib.nullcontext(None)
-    import mlflow
-
-    # One root span per example; with mlflow.openai.autolog on, the SDK call nests under it with its tokens.
-    return mlflow.start_span(name=f"eval {ex.id}", span_type="CHAIN", attributes={"llmhost.target": target.spec})
 
 
 async def _run_examples(
@@ -258,7 +268,6 @@ async def _run_examples(
     concurrency: int,
     counts: Counter[str],
     progress: bool,
-    trace: bool,
     label: str,
 ) -> tuple[list[ExampleRecord], list[ModelOutput], float]:
     sem = asyncio.Semaphore(concurrency)
@@ -267,26 +276,22 @@ async def _run_examples(
 
     async def one(i: int, ex: Example, tick: Any) -> None:
         async with sem:
-            with _span(trace, ex, target) as span:
-                if span is not None:
-                    span.set_inputs({"example_id": ex.id, "messages": ex.messages})
-                try:
-                    out, meta, retries = await call_with_retries(
-                        client, target.model, ex.messages, params, gen.max_retries, counts
-                    )
-                    rec = ExampleRecord(
-                        index=ex.index, id=ex.id, ok=True, output=out.text, tool_calls=out.tool_calls,
-                        retries=retries, **meta,
-                    )
-                    outputs[i] = out
-                except _Failure as exc:
-                    rec = ExampleRecord(index=ex.index, id=ex.id, ok=False, error=str(exc), retries=exc.retries)
-                if span is not None:
-                    span.set_outputs({"output": rec.output, "tool_calls": rec.tool_calls, "error": rec.error})
-                    span.set_attributes({"llmhost.latency_s": rec.latency_s or 0.0, "llmhost.ttft_s": rec.ttft_s or 0.0})
-                    rec.trace_id = span.trace_id
-                    if not rec.ok:
-                        span.set_status("ERROR")
+            try:
+                out, meta, retries = await call_with_retries(
+                    client, target.model, ex.messages, params, gen.max_retries, counts
+                )
+                rec = ExampleRecord(
+                    index=ex.index,
+                    id=ex.id,
+                    ok=True,
+                    output=out.text,
+                    tool_calls=out.tool_calls,
+                    retries=retries,
+                    **meta,
+                )
+                outputs[i] = out
+            except _Failure as exc:
+                rec = ExampleRecord(index=ex.index, id=ex.id, ok=False, error=str(exc), retries=exc.retries)
             records[i] = rec
             tick()
 
@@ -328,7 +333,9 @@ async def _judge(
         tick()
 
     with _progress(progress, len(records), f"judge {judge.spec}") as tick:
-        await asyncio.gather(*(one(i, ex, r, tick) for i, (ex, r) in enumerate(zip(loaded.examples, records, strict=True))))
+        await asyncio.gather(
+            *(one(i, ex, r, tick) for i, (ex, r) in enumerate(zip(loaded.examples, records, strict=True)))
+        )
     return scores, notes
 
 
@@ -336,7 +343,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def compute_stats(records: list[ExampleRecord], wall_s: float, concurrency: int, counts: Counter[str]) -> RunStats:
+def compute_stats(
+    records: list[ExampleRecord], wall_s: float, concurrency: int, counts: Counter[str]
+) -> RunStats:
     ok = [r for r in records if r.ok]
     lat = [r.latency_s for r in ok if r.latency_s is not None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -367,9 +376,12 @@ async def run_suite_async(
     *,
     concurrency: int | None = None,
     progress: bool = True,
-    trace: bool = False,
 ) -> RunResult:
-    """Run every example against `target`, then score. `trace` wraps each example in an MLflow span."""
+    """Run every example against `target`, then score.
+
+    Only the requests run in the timed phase (traces are written afterwards from the records), so the
+    measured throughput, which the self-hosted cost is computed from, is the server's.
+    """
     if isinstance(target, str):
         target = resolve_target(target)
     suite = loaded.suite
@@ -380,12 +392,19 @@ async def run_suite_async(
         counts: Counter[str] = Counter()
         params = request_params(suite.generation, suite.prompt)
         records, outputs, wall = await _run_examples(
-            client, target, loaded.examples, params, suite.generation, conc, counts, progress, trace,
+            client,
+            target,
+            loaded.examples,
+            params,
+            suite.generation,
+            conc,
+            counts,
+            progress,
             f"{suite.name} @ {target.spec}",
         )
     finally:
         await client.close()
-    judge_scores: dict[str, list[float | None]] = {}
+    judge_scores: dict[str, Sequence[float | None]] = {}
     for spec in suite.metrics:
         if isinstance(spec, LlmJudge):
             name = spec.output_names()[0]
@@ -405,6 +424,7 @@ async def run_suite_async(
         records=records,
         stats=compute_stats(records, wall, conc, counts),
         generation=suite.generation,
+        request_params=params,
     )
     result._columns = columns
     return result

@@ -135,7 +135,7 @@ class FieldF1(_MetricBase):
 
 
 class Classification(_MetricBase):
-    """Accuracy per example, macro-F1 over `labels` for the suite, and the rate of outputs that are a label."""
+    """Accuracy per example, macro-F1 over the labels for the suite, and the rate of label outputs."""
 
     kind: Literal["classification"] = "classification"
     labels: list[str] = Field(min_length=2, description="The allowed labels.")
@@ -174,7 +174,8 @@ class ToolCall(_MetricBase):
 
     kind: Literal["tool_call"] = "tool_call"
     arguments: Literal["exact", "subset"] = Field(
-        default="exact", description="exact: same argument set; subset: the reference's arguments are present."
+        default="exact",
+        description="exact: same argument set; subset: the reference's arguments are present.",
     )
     arguments_reference: str | None = Field(
         default=None,
@@ -196,7 +197,9 @@ class LlmJudge(_MetricBase):
     judge: str = Field(description="Target spec of the judge, e.g. frontier:gpt-4o-mini.")
     rubric: str = Field(min_length=1, description="What a good answer does; shown to the judge.")
     scale: int = Field(default=5, ge=2, le=10)
-    input_field: str | None = Field(default=None, description="Row field shown as the question; default: prompt.")
+    input_field: str | None = Field(
+        default=None, description="Row field shown as the question; default: prompt."
+    )
 
     def needs_reference(self) -> bool:
         return False
@@ -225,9 +228,13 @@ class DataSpec(_Strict):
     """Where the rows come from: a JSONL file (relative to the suite) or a `datasets` reference."""
 
     path: str | None = Field(default=None, description="JSONL file, relative to the suite file.")
-    dataset: str | None = Field(default=None, description="datasets.load_dataset name, e.g. 'json' or a hub id.")
+    dataset: str | None = Field(
+        default=None, description="datasets.load_dataset name, e.g. 'json' or a hub id."
+    )
     config: str | None = Field(default=None, description="Dataset config name.")
-    data_files: str | list[str] | None = Field(default=None, description="For builder datasets such as 'json'.")
+    data_files: str | list[str] | None = Field(
+        default=None, description="For builder datasets such as 'json'."
+    )
     split: str = Field(default="test", description="Dataset split, e.g. 'validation[:50]'.")
     id_field: str = Field(default="id", description="Row field used as the example id (else the row number).")
     limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
@@ -254,10 +261,14 @@ class GenerationParams(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=64, gt=0, le=32768)
-    seed: int | None = Field(default=0, description="Sent when the server supports it; frontier APIs may ignore.")
+    seed: int | None = Field(
+        default=0, description="Sent when the server supports it; frontier APIs may ignore."
+    )
     stop: list[str] = Field(default_factory=list, max_length=4)
     request_timeout_s: float = Field(default=60.0, gt=0, description="Per-request read timeout.")
-    max_retries: int = Field(default=2, ge=0, le=10, description="Retries of one request on 429, 5xx or timeout.")
+    max_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of one request on 429, 5xx or timeout."
+    )
 
 
 class Thresholds(_Strict):
@@ -265,10 +276,15 @@ class Thresholds(_Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    primary: str | None = Field(default=None, description="Score the verdict gates on; default: the first score.")
+    primary: str | None = Field(
+        default=None, description="Score the verdict gates on; default: the first score."
+    )
     pass_: dict[str, float] = Field(default_factory=dict, alias="pass", description="Score -> minimum mean.")
     tolerance: float = Field(
-        default=0.02, ge=0, le=1, description="How much worse (absolute) the candidate may be, at 95% confidence."
+        default=0.02,
+        ge=0,
+        le=1,
+        description="How much worse (absolute) the candidate may be, at 95% confidence.",
     )
     max_latency_p95_ratio: float | None = Field(
         default=1.5, gt=0, description="Candidate p95 latency / baseline p95 latency must not exceed this."
@@ -305,7 +321,9 @@ class EvalSuite(_Strict):
                 raise ValueError(f"metric {m.kind!r} needs `reference: <row field>`")
         for key in [self.thresholds.primary, *self.thresholds.pass_]:
             if key is not None and key not in seen:
-                raise ValueError(f"thresholds name {key!r}, which no metric produces; scores are {sorted(seen)}")
+                raise ValueError(
+                    f"thresholds name {key!r}, which no metric produces; scores are {sorted(seen)}"
+                )
         return self
 
     @property
@@ -361,15 +379,18 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the YAML node at pydantic's error `loc` (skipping union tags that are not keys)."""
     if node is None:
         return None
+    line = node.start_mark.line
     for key in loc:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 if k.value == key:
-                    node = v
+                    # Point at the key's line: a block value starts on the line after it.
+                    node, line = v, k.start_mark.line
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
-    return node.start_mark.line + 1
+            line = node.start_mark.line
+    return line + 1
 
 
 def _field_path(loc: tuple[Any, ...], node: yaml.Node | None) -> str:
@@ -412,21 +433,27 @@ def parse_suite(text: str, source: str = "<suite>") -> EvalSuite:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else "?"
-        raise SuiteError("yaml", getattr(exc, "problem", str(exc)), "fix the YAML syntax", source=f"{source}:{line}")
+        raise SuiteError(
+            "yaml", getattr(exc, "problem", str(exc)), "fix the YAML syntax", source=f"{source}:{line}"
+        ) from None
     if not isinstance(raw, dict):
         raise SuiteError("(top level)", type(raw).__name__, "a suite is a YAML mapping", source=f"{source}:1")
     try:
         return EvalSuite.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # A misspelt key shows up as "extra" plus "missing"; the extra one names the actual mistake.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        err = errors[0]
         loc = tuple(err["loc"])
         line = _line_of(node, loc)
-        value = err.get("input")
+        value = "(missing)" if err["type"] == "missing" else err.get("input")
         if isinstance(value, dict | list):
             value = "<" + type(value).__name__ + ">"
         msg = err["msg"].removeprefix("Value error, ")
         more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SuiteError(_field_path(loc, node), value, msg + more, source=f"{source}:{line or '?'}") from None
+        raise SuiteError(
+            _field_path(loc, node), value, msg + more, source=f"{source}:{line or '?'}"
+        ) from None
 
 
 def load_suite(name_or_path: str | Path) -> EvalSuite:
@@ -488,13 +515,17 @@ def load_examples(suite: EvalSuite) -> list[Example]:
     except TemplateError as exc:
         raise SuiteError("prompt.messages", str(exc), "fix the Jinja2 template", source=src) from None
     refs = {m.reference for m in suite.metrics if m.reference}
-    refs |= {m.arguments_reference for m in suite.metrics if isinstance(m, ToolCall) and m.arguments_reference}
+    refs |= {
+        m.arguments_reference for m in suite.metrics if isinstance(m, ToolCall) and m.arguments_reference
+    }
     examples, seen = [], set()
     for i, (where, row) in enumerate(rows):
         for field in sorted(refs):
             if field not in row:
                 raise SuiteError(
-                    "reference", field, f"row has no such field (fields: {sorted(row)}); fix the metric's reference",
+                    "reference",
+                    field,
+                    f"row has no such field (fields: {sorted(row)}); fix the metric's reference",
                     source=where,
                 )
         ex_id = str(row.get(spec.id_field, i))
@@ -507,7 +538,9 @@ def load_examples(suite: EvalSuite) -> list[Example]:
                 messages.append({"role": role, "content": tpl.render(**row)})
             except UndefinedError as exc:
                 raise SuiteError(
-                    f"prompt.messages[{j}].content", exc.message, f"row lacks it (fields: {sorted(row)})",
+                    f"prompt.messages[{j}].content",
+                    exc.message,
+                    f"row lacks it (fields: {sorted(row)})",
                     source=where,
                 ) from None
         examples.append(Example(index=i, id=ex_id, row=row, messages=messages, where=where))

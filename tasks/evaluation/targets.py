@@ -36,7 +36,9 @@ class FrontierEntry(BaseModel):
 
     base_url: str = Field(description="OpenAI-compatible base URL.")
     model: str
-    api_key_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of the key's env variable.")
+    api_key_env: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of the key's env variable."
+    )
     price_in_per_1m: float = Field(ge=0, description="USD per 1M input tokens.")
     price_out_per_1m: float = Field(ge=0, description="USD per 1M output tokens.")
     prices_as_of: date = Field(description="Date the prices were read from the pricing page.")
@@ -57,7 +59,9 @@ class ResolvedTarget(BaseModel):
     kind: Literal["endpoint", "frontier", "url"]
     base_url: str
     model: str = Field(description="Value sent as `model`.")
-    api_key_env: str | None = Field(default=None, description="Env var holding the key; None sends a dummy key.")
+    api_key_env: str | None = Field(
+        default=None, description="Env var holding the key; None sends a dummy key."
+    )
     pricing: Pricing | None = None
 
     @property
@@ -79,7 +83,9 @@ class ResolvedTarget(BaseModel):
                 if self.kind == "endpoint"
                 else "export the provider's API key"
             )
-            raise TargetKeyError(f"target {self.spec}: environment variable {self.api_key_env} is not set; {hint}")
+            raise TargetKeyError(
+                f"target {self.spec}: environment variable {self.api_key_env} is not set; {hint}"
+            )
         return value
 
 
@@ -93,7 +99,9 @@ def _read_catalog(path: Path) -> dict[str, FrontierEntry]:
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(x) for x in err["loc"])
-            raise SuiteError(f"frontiers.{name}.{field}", err.get("input"), err["msg"], source=str(path)) from None
+            raise SuiteError(
+                f"frontiers.{name}.{field}", err.get("input"), err["msg"], source=str(path)
+            ) from None
     return out
 
 
@@ -134,7 +142,9 @@ def resolve_target(spec: str, *, frontiers_file: Path | None = None) -> Resolved
             base_url=e.base_url,
             model=e.model,
             api_key_env=e.api_key_env,
-            pricing=Pricing(**e.model_dump(include={"price_in_per_1m", "price_out_per_1m", "prices_as_of", "pricing_url"})),
+            pricing=Pricing(
+                **e.model_dump(include={"price_in_per_1m", "price_out_per_1m", "prices_as_of", "pricing_url"})
+            ),
         )
     if kind == "url" and "#" in rest:
         base, _, model = rest.rpartition("#")

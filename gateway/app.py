@@ -1,0 +1,89 @@
+"""Builds the gateway ASGI app: OpenAI-compatible /v1 routes, /metrics and /health.
+
+The /v1 routes are plain Starlette routes (no FastAPI body validation): the gateway passes bodies through, and
+validating them would cost time on every request and duplicate vLLM's own checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.protocol import ApiError
+from gateway.proxy import Gateway, error_response
+from tasks.settings import Settings, get_settings
+from tasks.store import get_engine
+
+log = logging.getLogger("llmhost.gateway")
+
+
+def create_app(store_url: str | None = None, settings: Settings | None = None, *,
+               flush_interval_s: float = 0.5) -> FastAPI:
+    """The gateway app over the store at `store_url` (default: settings.store)."""
+    settings = settings or get_settings()
+    gw = Gateway(get_engine(store_url or settings.store), settings, flush_interval_s=flush_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        log.info("gateway ready: %d endpoints", len(gw.routes))
+        try:
+            yield
+        finally:
+            await gw.close()  # flushes pending usage rows
+
+    app = FastAPI(title="llmhost gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+
+    async def chat(request: Request) -> Response:
+        return await gw.forward(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await gw.forward(request, "completions")
+
+    async def embeddings(request: Request) -> Response:
+        return await gw.forward(request, "embeddings")
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "endpoints": len(gw.routes)})
+
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.add_route("/v1/models", gw.models, methods=["GET"])
+    app.add_route("/metrics", metrics, methods=["GET"])
+    app.add_route("/health", health, methods=["GET"])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected gateway error on %s", request.url.path)
+        return error_response(ApiError(
+            500, f"The gateway failed unexpectedly ({type(exc).__name__}); see the gateway log.",
+            type="server_error", code="gateway_error"))
+
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None, *, access_log: bool = False,
+          log_level: str = "info") -> None:
+    """Run the gateway with uvicorn (uvloop and httptools when installed) until interrupted."""
+    import uvicorn
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    uvicorn.run(create_app(settings=settings), host=host or settings.gateway_host,
+                port=port or settings.gateway_port, access_log=access_log, log_level=log_level,
+                timeout_graceful_shutdown=30)

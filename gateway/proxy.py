@@ -1,0 +1,424 @@
+"""Gateway logic: authenticate, resolve `model` to a live revision, pick a replica, pass the answer through.
+
+Hot-path costs are kept to in-memory lookups: keys and routes are cached and reloaded only when the store's
+routes epoch moves (one indexed read of one row per request on SQLite), usage rows are queued for the meter,
+and one pooled httpx client talks to every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import orjson
+from sqlalchemy import Engine
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.auth import KeyCache
+from gateway.metering import Meter, Metrics
+from gateway.protocol import (
+    STREAMABLE,
+    UPSTREAM_PATHS,
+    ApiError,
+    ModelCard,
+    ModelList,
+    is_usage_only_chunk,
+    split_model,
+    sse_error,
+    usage_of,
+)
+from gateway.routing import ReplicaPool, probe_all
+from tasks import store
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger("llmhost.gateway")
+
+_JSON = "application/json"
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type=_JSON, headers=exc.headers)
+
+
+class Gateway:
+    """State shared by all requests of one gateway app."""
+
+    def __init__(self, engine: Engine, settings: Settings | None = None, *, flush_interval_s: float = 0.5,
+                 epoch_poll_s: float = 0.25):
+        self.engine = engine
+        self.settings = settings or get_settings()
+        self.keys = KeyCache(engine)
+        self.pool = ReplicaPool()
+        self.metrics = Metrics()
+        self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s)
+        self.client: httpx.AsyncClient | None = None
+        self.epoch = -1
+        self.routes: dict[str, store.EndpointRoute] = {}
+        self.epoch_poll_s = epoch_poll_s
+        self._raw: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._persisted: dict[int, str] = {}
+        s = self.settings
+        self.timeout = httpx.Timeout(connect=s.connect_timeout_s, read=s.read_timeout_s,
+                                     write=s.read_timeout_s, pool=s.read_timeout_s)
+        self.retry_after = str(max(1, math.ceil(s.health_interval_s)))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(
+            timeout=self.timeout, trust_env=False,
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256, keepalive_expiry=60),
+        )
+        if self.engine.dialect.name == "sqlite":
+            # A local file read of one row costs microseconds: check it on every request so revocations apply
+            # at once. Other databases are polled in the background instead (a round trip per request is not).
+            self._raw = self.engine.raw_connection()
+        else:
+            self._tasks.append(asyncio.create_task(self._poll_epoch(), name="llmhost-epoch"))
+        self.refresh()
+        self.meter.start()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="llmhost-health"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        await self.meter.close()
+        if self.client is not None:
+            await self.client.aclose()
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    # -- routes and health -------------------------------------------------------------------------------
+
+    def _read_epoch(self) -> int:
+        cur = self._raw.cursor()
+        try:
+            cur.execute("SELECT value FROM meta WHERE name = 'routes'")
+            return int(cur.fetchone()[0])
+        finally:
+            cur.close()
+
+    def refresh(self, force: bool = False) -> None:
+        """Reload routes and drop cached keys when the store changed since the last look."""
+        if self._raw is not None:
+            epoch = self._read_epoch()
+            if epoch == self.epoch and not force:
+                return
+        self._reload()
+
+    def _reload(self) -> None:
+        epoch, routes = store.load_routes(engine=self.engine)
+        self.keys.clear()
+        old_ids = {r.id for route in self.routes.values() for r in route.replicas}
+        self.epoch, self.routes = epoch, routes
+        new = [r for route in routes.values() for r in route.replicas if r.id not in old_ids]
+        for route in routes.values():
+            for r in route.replicas:
+                self._persisted.setdefault(r.id, r.state)
+        if new and self.client is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._probe(new)))
+        log.info("routes loaded (epoch %d): %s", epoch, ", ".join(sorted(routes)) or "no endpoints")
+
+    async def _poll_epoch(self) -> None:
+        while True:
+            await asyncio.sleep(self.epoch_poll_s)
+            try:
+                epoch = await anyio.to_thread.run_sync(lambda: store.routes_epoch(self.engine))
+                if epoch != self.epoch:
+                    self._reload()
+            except Exception as exc:
+                log.warning("could not read the routes epoch from the store: %s", exc)
+
+    def _replicas(self) -> list[store.ReplicaRoute]:
+        return [r for route in self.routes.values() for r in route.replicas]
+
+    async def _probe(self, replicas: list[store.ReplicaRoute]) -> None:
+        assert self.client is not None
+        await probe_all(self.client, self.pool, replicas, self.settings.connect_timeout_s, self._on_health)
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self._probe(self._replicas())
+            except Exception as exc:  # never let the loop die
+                log.warning("health probe round failed: %s", exc)
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    def _on_health(self, replica: store.ReplicaRoute, ok: bool, err: str | None) -> None:
+        endpoint = next((n for n, r in self.routes.items() if replica in r.replicas), "?")
+        self.metrics.replica_up.labels(endpoint, replica.name).set(1 if ok else 0)
+        state = "up" if ok else "down"
+        # Only flip between up and down; 'stopped'/'failed' belong to the step that manages the replica.
+        persisted = self._persisted.get(replica.id)
+        if persisted in ("up", "down", "starting") and persisted != state:
+            self._persisted[replica.id] = state
+            asyncio.get_running_loop().run_in_executor(None, self._persist_state, replica.id, state)
+
+    def _persist_state(self, replica_id: int, state: str) -> None:
+        try:
+            store.set_replica_state(replica_id, state, audit=False, bump=False, engine=self.engine)
+        except Exception as exc:
+            log.warning("could not record replica %d as %s: %s", replica_id, state, exc)
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        try:
+            key = await self.keys.authenticate(request.headers.get("authorization"))
+        except ApiError as exc:
+            return error_response(exc)
+        self.refresh()
+        cards = []
+        for name, route in sorted(self.routes.items()):
+            if route.status != "active" or not route.allows(key):
+                continue
+            created = int(route.created_at.timestamp())
+            owner = route.owner or "llmhost"
+            cards.append(ModelCard(id=name, created=created, owned_by=owner))
+            cards += [ModelCard(id=f"{name}:{a}", created=created, owned_by=owner)
+                      for a in sorted(route.adapters)]
+        return Response(ModelList(data=cards).model_dump_json(), media_type=_JSON)
+
+    async def forward(self, request: Request, kind: str) -> Response:
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"ts": store.utcnow(), "route": kind, "stream": False}
+        try:
+            key = await self.keys.authenticate(request.headers.get("authorization"))
+        except ApiError as exc:
+            # No identity to bill: count it, but keep unauthenticated noise out of the usage table.
+            self.metrics.observe("(none)", exc.status, None, None, time.perf_counter() - t0, None)
+            return error_response(exc)
+        row.update(key_prefix=key.prefix, user=key.user, team=key.team)
+        try:
+            return await self._forward(request, kind, key, row, t0)
+        except ApiError as exc:
+            self._finish(row, t0, exc.status, None, None, None)
+            return error_response(exc)
+
+    def _resolve(self, payload: dict[str, Any], key: store.KeyInfo,
+                 row: dict[str, Any]) -> store.EndpointRoute:
+        name, adapter = split_model(payload.get("model"))
+        self.refresh()
+        route = self.routes.get(name)
+        if route is None:
+            raise ApiError(404, f"The model {name!r} is not an endpoint here: GET /v1/models lists the "
+                           "endpoints your key may call.", type="invalid_request_error", param="model",
+                           code="model_not_found")
+        row["endpoint"], row["adapter"] = name, adapter
+        if not route.allows(key):
+            team = f", team {key.team!r}" if key.team else ""
+            raise ApiError(403, f"Key {key.prefix}… (user {key.user!r}{team}) has no access to endpoint "
+                           f"{name!r}: ask its owner to run `llmhost access grant {name} --user {key.user}`.",
+                           type="permission_error", code="access_denied")
+        if route.status != "active":
+            raise ApiError(503, f"Endpoint {name!r} is {route.status}: its owner can re-enable it.",
+                           type="server_error", code="endpoint_disabled", headers={"retry-after": "60"})
+        if route.revision_id is None or route.served_model_name is None:
+            raise ApiError(503, f"Endpoint {name!r} has no live revision yet: deploy one, or attach a server "
+                           f"with `llmhost endpoints attach {name} --base-url URL --served-model M`.",
+                           type="server_error", code="no_live_revision",
+                           headers={"retry-after": self.retry_after})
+        row["revision_id"] = route.revision_id
+        if adapter is None:
+            payload["model"] = route.served_model_name
+        else:
+            served = route.adapters.get(adapter)
+            if served is None:
+                known = ", ".join(sorted(route.adapters)) or "none"
+                raise ApiError(404, f"Endpoint {name!r} has no adapter {adapter!r} (adapters: {known}): use "
+                               f"one of them as {name}:ADAPTER, or plain {name!r} for the base model.",
+                               type="invalid_request_error", param="model", code="model_not_found")
+            payload["model"] = served
+        return route
+
+    async def _forward(self, request: Request, kind: str, key: store.KeyInfo, row: dict[str, Any],
+                       t0: float) -> Response:
+        try:
+            payload = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "The request body is not valid JSON.", type="invalid_request_error",
+                           code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "The request body must be a JSON object.", type="invalid_request_error",
+                           code="invalid_json")
+        route = self._resolve(payload, key, row)
+        stream = kind in STREAMABLE and payload.get("stream") is True
+        client_wants_usage = True
+        if stream:
+            row["stream"] = True
+            opts = payload.get("stream_options")
+            opts = dict(opts) if isinstance(opts, dict) else {}
+            client_wants_usage = bool(opts.get("include_usage"))
+            if not client_wants_usage:
+                # Metering needs the token counts; the extra chunk is stripped before it reaches the client.
+                opts["include_usage"] = True
+                payload["stream_options"] = opts
+        body = orjson.dumps(payload)
+        replica, resp = await self._send(route, UPSTREAM_PATHS[kind], body)
+        row["replica_id"] = replica.id
+        headers = {"x-llmhost-endpoint": route.name, "x-llmhost-revision": (route.revision_hash or "")[:12],
+                   "x-llmhost-replica": replica.name}
+        if stream and resp.status_code == 200:
+            headers["content-type"] = resp.headers.get("content-type", "text/event-stream; charset=utf-8")
+            return StreamPassthrough(self, resp, replica, row, t0, client_wants_usage, headers)
+        # Non-streamed answers, and upstream errors of streamed requests, pass through whole and unchanged.
+        try:
+            data = await resp.aread()
+        except httpx.HTTPError as exc:
+            raise self._mid_request_error(route.name, replica, exc) from None
+        finally:
+            await resp.aclose()
+            self.pool.release(replica.id)
+        prompt = completion = None
+        if resp.status_code == 200:
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+                prompt, completion = usage_of(orjson.loads(data))
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        self._finish(row, t0, resp.status_code, prompt, completion, latency_ms)
+        headers["content-type"] = resp.headers.get("content-type", _JSON)
+        return Response(data, status_code=resp.status_code, headers=headers)
+
+    async def _send(self, route: store.EndpointRoute, path: str, body: bytes) -> tuple[store.ReplicaRoute,
+                                                                                       httpx.Response]:
+        """Send to the least-loaded healthy replica; on connect failure (nothing sent) try the next one."""
+        assert self.client is not None
+        tried: list[int] = []
+        last_err = ""
+        while True:
+            replica = self.pool.pick(route, tried)
+            if replica is None:
+                why = f" (last error: {last_err})" if last_err else ""
+                raise ApiError(503, f"Endpoint {route.name!r} has no healthy replica right now{why}: retry "
+                               f"in {self.retry_after}s; if it persists, check `llmhost endpoints list` and "
+                               "the replica logs.", type="server_error", code="no_healthy_replica",
+                               headers={"retry-after": self.retry_after})
+            self.pool.acquire(replica.id)
+            req = self.client.build_request("POST", replica.base_url + path, content=body,
+                                            headers={"content-type": _JSON})
+            try:
+                return replica, await self.client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.pool.release(replica.id)
+                last_err = f"{type(exc).__name__} to {replica.name}"
+                if self.pool.mark(replica.id, False, str(exc)):
+                    log.warning("replica %s (%s) is down: %s", replica.name, replica.base_url, exc)
+                    self._on_health(replica, False, str(exc))
+                tried.append(replica.id)
+            except httpx.HTTPError as exc:
+                self.pool.release(replica.id)
+                raise self._mid_request_error(route.name, replica, exc) from None
+
+    def _mid_request_error(self, endpoint: str, replica: store.ReplicaRoute, exc: Exception) -> ApiError:
+        if isinstance(exc, httpx.TimeoutException):
+            what = (f"did not answer within {self.settings.read_timeout_s:g}s (LLMHOST_READ_TIMEOUT_S); "
+                    "retry with a smaller max_tokens, or ask the operator to raise the timeout")
+        else:
+            what = (f"failed mid-request ({type(exc).__name__}); retry, and if it repeats check the "
+                    "replica's log")
+        log.warning("replica %s of %s: %s: %s", replica.name, endpoint, type(exc).__name__, exc)
+        return ApiError(502, f"Replica {replica.name} of endpoint {endpoint!r} {what}.", type="server_error",
+                        code="replica_failed")
+
+    def _finish(self, row: dict[str, Any], t0: float, status: int, prompt: int | None, completion: int | None,
+                latency_ms: float | None, ttft_ms: float | None = None) -> None:
+        row.update(status_code=status, prompt_tokens=prompt, completion_tokens=completion,
+                   latency_ms=latency_ms if latency_ms is not None else (time.perf_counter() - t0) * 1000.0,
+                   ttft_ms=ttft_ms)
+        self.meter.record(row)
+
+
+class StreamPassthrough(Response):
+    """Relays SSE events as they arrive, drops the usage chunk the client did not ask for, meters at the end.
+
+    Owns the upstream response: it is closed (aborting generation upstream) when the client goes away.
+    """
+
+    def __init__(self, gw: Gateway, upstream: httpx.Response, replica: store.ReplicaRoute,
+                 row: dict[str, Any], t0: float, client_wants_usage: bool, headers: dict[str, str]):
+        # No super().__init__: it would set a body and so a Content-Length of 0.
+        self.status_code, self.background = 200, None
+        self.init_headers({**headers, "cache-control": "no-cache"})
+        self.gw, self.upstream, self.replica, self.row, self.t0 = gw, upstream, replica, row, t0
+        self.client_wants_usage = client_wants_usage
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.ttft_ms: float | None = None
+        self.status = 200
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        buf = b""
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.perf_counter() - self.t0) * 1000.0
+                buf += chunk
+                cut = buf.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                complete, buf = buf[: cut + 2], buf[cut + 2:]
+                if b'"usage":{' not in complete:
+                    yield complete
+                    continue
+                out = []
+                for event in complete.split(b"\n\n")[:-1]:
+                    if b'"usage":{' in event and event.startswith(b"data: {"):
+                        try:
+                            p, c = usage_of(orjson.loads(event[6:]))
+                            if p is not None:
+                                self.prompt, self.completion = p, c
+                        except orjson.JSONDecodeError:
+                            pass
+                        if not self.client_wants_usage and is_usage_only_chunk(event):
+                            continue
+                    out.append(event + b"\n\n")
+                if out:
+                    yield b"".join(out)
+            if buf:
+                yield buf
+        except httpx.HTTPError as exc:
+            self.status = 502
+            err = self.gw._mid_request_error(self.row.get("endpoint") or "?", self.replica, exc)
+            yield sse_error(err.message)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+
+                done = False
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not done:
+                        self.status = 499  # nginx's "client closed request"
+                        tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                async for piece in self._events():
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                done = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+            self.gw.pool.release(self.replica.id)
+            self.gw._finish(self.row, self.t0, self.status, self.prompt, self.completion, None, self.ttft_ms)
+

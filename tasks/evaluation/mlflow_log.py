@@ -1,0 +1,402 @@
+"""MLflow logging of eval runs: one experiment per suite, one run per target per suite version.
+
+Each run holds params (target, model), tags (suite content hash, revision hash), each score's mean with its
+95% bootstrap interval, latency/TTFT/tokens, the per-example table, one trace per example (explicit spans:
+the example, and under it the chat call with tokens and tool calls), and MLflow GenAI assessments on them
+(`mlflow.genai.evaluate` with `@scorer`s), so the results show in MLflow's evaluation views.
+The runner scores first and the scorers hand MLflow those values, so the scores are computed once and the
+async runner keeps its throughput; MLflow's own predict loop would run a blocking call per worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.evaluation.compare import (
+    Comparison,
+    Interval,
+    compare,
+    frontier_cost,
+    plot,
+    render_markdown,
+    self_hosted_cost,
+    summarize,
+    tier_hourly_price,
+)
+from tasks.evaluation.runner import ExampleRecord, RunResult, run_suite
+from tasks.evaluation.suite import LoadedSuite
+from tasks.evaluation.targets import ResolvedTarget, resolve_target
+from tasks.tracking import configure_mlflow, get_or_create_experiment
+
+EXAMPLES_TABLE = "eval_examples.json"
+
+
+def experiment_name(suite_name: str) -> str:
+    return f"eval/{suite_name}"
+
+
+def _chat_completion(result: RunResult, rec: ExampleRecord) -> dict[str, Any]:
+    """The answer in OpenAI's chat.completion shape, which MLflow's trace UI renders as a chat."""
+    calls = [
+        {
+            "id": c.get("id") or f"call_{i}",
+            "type": "function",
+            "function": {"name": c.get("name"), "arguments": c.get("arguments")},
+        }
+        for i, c in enumerate(rec.tool_calls)
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": rec.output}
+    if calls:
+        message["tool_calls"] = calls
+    out: dict[str, Any] = {
+        "object": "chat.completion",
+        "model": result.target.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": rec.finish_reason}],
+    }
+    if rec.tokens_in is not None and rec.tokens_out is not None:
+        out["usage"] = {
+            "prompt_tokens": rec.tokens_in,
+            "completion_tokens": rec.tokens_out,
+            "total_tokens": rec.tokens_in + rec.tokens_out,
+        }
+    return out
+
+
+def log_traces(result: RunResult, loaded: LoadedSuite) -> int:
+    """One trace per example, written from the records with the measured start and end times.
+
+    The root span is the example; its child is the chat call with the request, the answer (tool calls
+    included), token usage and a `first_token` event at TTFT. Writing them after the timed phase keeps
+    tracing off the request path (live spans cost the client CPU that the server on the same box needs).
+    """
+    import mlflow
+    from mlflow.entities import SpanEvent
+    from mlflow.tracing.constant import SpanAttributeKey
+
+    t = result.target
+    now = time.time_ns()
+    for ex, rec in zip(loaded.examples, result.records, strict=True):
+        start = rec.started_ns or now
+        end = start + int((rec.latency_s or 0.0) * 1e9)
+        root = mlflow.start_span_no_context(
+            name=f"eval {rec.id}",
+            span_type="CHAIN",
+            inputs={"example_id": rec.id, "messages": ex.messages},
+            attributes={"llmhost.target": t.spec, "llmhost.suite": result.suite_name},
+            start_time_ns=start,
+        )
+        attrs: dict[str, Any] = {
+            SpanAttributeKey.MESSAGE_FORMAT: "openai",
+            "llmhost.latency_s": rec.latency_s,
+            "llmhost.ttft_s": rec.ttft_s,
+            "llmhost.retries": rec.retries,
+        }
+        if rec.tokens_in is not None and rec.tokens_out is not None:
+            attrs[SpanAttributeKey.CHAT_USAGE] = {
+                "input_tokens": rec.tokens_in,
+                "output_tokens": rec.tokens_out,
+                "total_tokens": rec.tokens_in + rec.tokens_out,
+            }
+        call = mlflow.start_span_no_context(
+            name="chat.completions",
+            span_type="CHAT_MODEL",
+            parent_span=root,
+            inputs={"model": t.model, "messages": ex.messages, **result.request_params},
+            attributes=attrs,
+            start_time_ns=start,
+        )
+        if rec.ttft_s is not None:
+            call.add_event(SpanEvent(name="first_token", timestamp=start + int(rec.ttft_s * 1e9)))  # type: ignore[abstract]
+        status = "OK" if rec.ok else "ERROR"
+        call.end(
+            outputs=_chat_completion(result, rec) if rec.ok else {"error": rec.error},
+            status=status,
+            end_time_ns=end,
+        )
+        root.end(
+            outputs={
+                "output": rec.output,
+                "tool_calls": rec.tool_calls,
+                "scores": rec.scores,
+                "error": rec.error,
+            },
+            status=status,
+            end_time_ns=end,
+        )
+        rec.trace_id = root.trace_id
+    with contextlib.suppress(Exception):
+        mlflow.flush_trace_async_logging()
+    return len(result.records)
+
+
+def _cost_per_1k(result: RunResult, hourly_price: float | None, tier: str | None) -> float | None:
+    if result.target.pricing is not None:
+        return frontier_cost(result.stats, result.target.pricing).per_1k_requests_usd
+    if hourly_price is None and tier:
+        hourly_price = tier_hourly_price(tier)
+    if hourly_price is None:
+        return None
+    return self_hosted_cost(result.stats, hourly_price, tier).per_1k_requests_usd
+
+
+def metrics_of(result: RunResult, summaries: dict[str, Interval]) -> dict[str, float]:
+    """The run's MLflow metrics: scores with intervals, latency, TTFT, tokens, load."""
+    out: dict[str, float] = {}
+    for name, iv in summaries.items():
+        if iv.n:
+            out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = iv.value, iv.low, iv.high
+    s = result.stats
+    for key in (
+        "latency_p50_s",
+        "latency_p95_s",
+        "ttft_p50_s",
+        "ttft_p95_s",
+        "tokens_in_mean",
+        "tokens_out_mean",
+    ):
+        v = getattr(s, key)
+        if v is not None:
+            out[key] = float(v)
+    out.update(
+        tokens_in_total=s.tokens_in_total,
+        tokens_out_total=s.tokens_out_total,
+        throughput_rps=s.throughput_rps,
+        wall_s=s.wall_s,
+        n_examples=s.n,
+        n_failed=s.n_failed,
+        **{f"retries_{k}": float(v) for k, v in s.retries.items()},
+    )
+    return out
+
+
+def examples_table(result: RunResult, loaded: LoadedSuite) -> dict[str, list[Any]]:
+    """Per-example columns for `mlflow.log_table`."""
+    names = loaded.suite.score_names
+    cols: dict[str, list[Any]] = {k: [] for k in ("id", "input", "output", "tool_calls", "ok", "error")}
+    for n in names:
+        cols[n] = []
+    for k in ("latency_s", "ttft_s", "tokens_in", "tokens_out", "retries", "trace_id", "row"):
+        cols[k] = []
+    for ex, rec in zip(loaded.examples, result.records, strict=True):
+        cols["id"].append(rec.id)
+        cols["input"].append(ex.messages[-1]["content"])
+        cols["output"].append(rec.output)
+        cols["tool_calls"].append(json.dumps(rec.tool_calls) if rec.tool_calls else "")
+        cols["ok"].append(rec.ok)
+        cols["error"].append(rec.error or "")
+        for n in names:
+            cols[n].append(rec.scores.get(n))
+        for k in ("latency_s", "ttft_s", "tokens_in", "tokens_out", "retries", "trace_id"):
+            cols[k].append(getattr(rec, k))
+        cols["row"].append(json.dumps(ex.row, default=str))
+    return cols
+
+
+def log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
+    """Attach each per-example score to its trace via `mlflow.genai.evaluate`; returns traces assessed."""
+    import mlflow
+    from mlflow.entities import Feedback
+    from mlflow.genai.scorers import scorer
+
+    by_trace = {r.trace_id: r for r in result.records if r.trace_id}
+    if not by_trace:
+        return 0
+    traces = [t for t in (mlflow.get_trace(tid) for tid in by_trace) if t is not None]
+    corpus = {n for n, c in result.columns.items() if c.corpus is not None}
+
+    def make(name: str) -> Any:
+        def fn(trace: Any) -> Feedback:
+            rec = by_trace[trace.info.trace_id]
+            v = rec.scores.get(name)
+            if v is None:
+                why = rec.judge_notes.get(name) or rec.error or "not scored"
+                return Feedback(name=name, error=why)
+            return Feedback(name=name, value=float(v), rationale=rec.error or None)
+
+        fn.__name__ = name
+        return scorer(fn, name=name)
+
+    scorers = [make(n) for n in loaded.suite.score_names if n not in corpus]
+    mlflow.genai.evaluate(data=traces, scorers=scorers)
+    return len(traces)
+
+
+def log_result(
+    result: RunResult,
+    loaded: LoadedSuite,
+    *,
+    hourly_price: float | None = None,
+    tier: str | None = None,
+) -> dict[str, Interval]:
+    """Log params, tags, metrics and the per-example table into the active run."""
+    import mlflow
+
+    t = result.target
+    summaries = summarize(result)
+    params = {
+        "target": t.spec,
+        "target_kind": t.kind,
+        "model": t.model,
+        "base_url": t.base_url,
+        "suite": result.suite_name,
+        "suite_version": result.suite_version,
+        "concurrency": result.stats.concurrency,
+        "temperature": result.generation.temperature,
+        "max_tokens": result.generation.max_tokens,
+    }
+    if mv := result.info.model_entry.get("model_version"):
+        params["model_version"] = mv
+    if t.pricing is not None:
+        params |= {
+            "price_in_per_1m": t.pricing.price_in_per_1m,
+            "price_out_per_1m": t.pricing.price_out_per_1m,
+            "prices_as_of": str(t.pricing.prices_as_of),
+        }
+    mlflow.log_params(params)
+    mlflow.set_tags(
+        {
+            "llmhost.kind": "eval",
+            "llmhost.suite": result.suite_name,
+            "llmhost.suite_version": result.suite_version,
+            "llmhost.suite_hash": result.suite_hash,
+            "llmhost.revision_hash": result.info.revision_hash,
+            "llmhost.target": t.spec,
+        }
+    )
+    metrics = metrics_of(result, summaries)
+    if (cost := _cost_per_1k(result, hourly_price, tier)) is not None:
+        metrics["cost_per_1k_requests_usd"] = cost
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(examples_table(result, loaded), artifact_file=EXAMPLES_TABLE)
+    return summaries
+
+
+def evaluate_target(
+    loaded: LoadedSuite,
+    target: ResolvedTarget | str,
+    *,
+    concurrency: int | None = None,
+    progress: bool = True,
+    trace: bool = True,
+    genai: bool = True,
+    nested: bool = False,
+    hourly_price: float | None = None,
+    tier: str | None = None,
+) -> tuple[RunResult, str]:
+    """Run the suite against one target inside its own MLflow run; returns the result and the run id."""
+    import mlflow
+
+    if isinstance(target, str):
+        target = resolve_target(target)
+    target.api_key()  # a missing key fails before an MLflow run is created
+    configure_mlflow()
+    exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
+    mlflow.set_experiment(experiment_id=exp_id)
+    run_name = f"{target.spec} v{loaded.suite.version}"
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        result = run_suite(loaded, target, concurrency=concurrency, progress=progress)
+        if trace:
+            t0 = time.perf_counter()
+            log_traces(result, loaded)
+            mlflow.log_metric("trace_logging_s", time.perf_counter() - t0)
+        log_result(result, loaded, hourly_price=hourly_price, tier=tier)
+        if trace and genai:
+            t0 = time.perf_counter()
+            n = log_genai_assessments(result, loaded)
+            mlflow.log_metric("genai_assessment_s", time.perf_counter() - t0)
+            mlflow.set_tag("llmhost.genai_traces", str(n))
+    return result, run.info.run_id
+
+
+@dataclass
+class ComparisonOutcome:
+    comparison: Comparison
+    markdown: str
+    plot_path: Path
+    run_ids: dict[str, str]
+    results: tuple[RunResult, RunResult]
+
+
+def compare_targets(
+    loaded: LoadedSuite,
+    candidate: str,
+    baseline: str,
+    *,
+    hourly_price: float | None = None,
+    tier: str | None = None,
+    candidate_precision: str | None = None,
+    concurrency: int | None = None,
+    progress: bool = True,
+    trace: bool = True,
+    genai: bool = True,
+    out_dir: Path | None = None,
+) -> ComparisonOutcome:
+    """Evaluate both targets (child runs) and log the report and plot into a parent comparison run."""
+    import mlflow
+
+    cand_t, base_t = resolve_target(candidate), resolve_target(baseline)
+    cand_t.api_key(), base_t.api_key()
+    configure_mlflow()
+    exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
+    mlflow.set_experiment(experiment_id=exp_id)
+    kw = dict(
+        concurrency=concurrency,
+        progress=progress,
+        trace=trace,
+        genai=genai,
+        nested=True,
+        hourly_price=hourly_price,
+        tier=tier,
+    )
+    with mlflow.start_run(run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}") as parent:
+        mlflow.set_tags(
+            {
+                "llmhost.kind": "eval-comparison",
+                "llmhost.suite": loaded.suite.name,
+                "llmhost.suite_version": loaded.suite.version,
+                "llmhost.suite_hash": loaded.content_hash,
+            }
+        )
+        mlflow.log_params({"candidate": candidate, "baseline": baseline})
+        cand_res, cand_run = evaluate_target(loaded, cand_t, **kw)  # type: ignore[arg-type]
+        base_res, base_run = evaluate_target(loaded, base_t, **kw)  # type: ignore[arg-type]
+        cmp = compare(
+            loaded.suite,
+            cand_res,
+            base_res,
+            hourly_price=hourly_price,
+            tier=tier,
+            candidate_precision=candidate_precision,
+        )
+        md = render_markdown(cmp)
+        out = Path(out_dir or tempfile.mkdtemp(prefix="llmhost-eval-"))
+        png = plot(cmp, out / "comparison.png")
+        (out / "comparison.md").write_text(md)
+        mlflow.log_artifact(str(png))
+        mlflow.log_text(md, "comparison.md")
+        mlflow.log_dict(cmp.model_dump(mode="json"), "comparison.json")
+        prim = next(m for m in cmp.metrics if m.name == cmp.primary)
+        mlflow.log_metrics(
+            {
+                f"diff_{prim.name}": prim.diff.value,
+                f"diff_{prim.name}_ci_low": prim.diff.low,
+                f"diff_{prim.name}_ci_high": prim.diff.high,
+                "ready_to_replace": float(cmp.verdict.ready),
+            }
+        )
+        mlflow.set_tags(
+            {
+                "llmhost.verdict": cmp.verdict.headline,
+                "llmhost.recommendation": cmp.verdict.recommendation or "",
+                "llmhost.candidate_run": cand_run,
+                "llmhost.baseline_run": base_run,
+            }
+        )
+        run_ids = {"comparison": parent.info.run_id, "candidate": cand_run, "baseline": base_run}
+    return ComparisonOutcome(cmp, md, png, run_ids, (cand_res, base_res))

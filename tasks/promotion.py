@@ -1,0 +1,199 @@
+"""Promotion: decide with a policy on paired eval evidence, move MLflow aliases, switch traffic, audit.
+
+`champion` is the version an endpoint serves; `challenger` keeps the one it replaced, so rollback is one
+alias move plus the same blue/green switch.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tasks import audit
+from tasks.errors import ConfigError, PromotionError
+from tasks.evaluation.compare import Comparison, MetricComparison
+
+
+class PromotionPolicy(BaseModel):
+    """When a candidate may replace the champion. Intervals come from the paired bootstrap of the comparison."""
+
+    suite: str = Field(default="demo_routing", description="Eval suite both versions are compared on.")
+    must_improve: list[str] = Field(default_factory=lambda: ["accuracy"],
+                                    description="Metrics whose paired difference must be > min_improvement.")
+    min_improvement: float = Field(default=0.0, ge=0, description="Lower CI bound of the gain must exceed this.")
+    guards: dict[str, float] = Field(default_factory=dict,
+                                     description="Metric -> largest allowed drop (lower CI bound >= -drop).")
+    guard_others: float | None = Field(default=0.05, ge=0,
+                                       description="Allowed drop for every other metric; None = no guard.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the paired intervals.")
+    max_latency_p95_ratio: float | None = Field(default=2.0, gt=0, description="Candidate p95 / champion p95.")
+    max_latency_p95_s: float | None = Field(default=None, gt=0)
+
+
+class PolicyCheck(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class Decision(BaseModel):
+    promote: bool
+    summary: str
+    checks: list[PolicyCheck]
+
+    def markdown(self) -> str:
+        rows = [f"| {c.name} | {'ok' if c.ok else '**fails**'} | {c.detail} |" for c in self.checks]
+        head = "**PROMOTE**" if self.promote else "**KEEP CHAMPION**"
+        return "\n".join([f"{head}: {self.summary}", "", "| rule | result | numbers |", "|---|---|---|", *rows])
+
+
+def _find(metrics: list[MetricComparison], name: str) -> MetricComparison:
+    for m in metrics:
+        if m.name == name:
+            return m
+    raise ConfigError("policy.metric", name, f"use one of the suite's metrics: {', '.join(m.name for m in metrics)}")
+
+
+def decide(cmp: Comparison, policy: PromotionPolicy) -> Decision:
+    """Promote only when every must-improve metric gains at the policy's confidence and no guard fires."""
+    checks: list[PolicyCheck] = []
+    for name in policy.must_improve:
+        m = _find(cmp.metrics, name)
+        d = m.diff
+        ok = math.isfinite(d.low) and d.low > policy.min_improvement
+        checks.append(PolicyCheck(name=f"{name} improves", ok=ok, detail=(
+            f"{m.candidate.value:.3f} vs {m.baseline.value:.3f}: diff {d.value:+.3f}, "
+            f"{policy.confidence:.0%} CI [{d.low:+.3f}, {d.high:+.3f}] must be > {policy.min_improvement:g}")))
+    guarded = dict(policy.guards)
+    if policy.guard_others is not None:
+        for m in cmp.metrics:
+            if m.name not in policy.must_improve:
+                guarded.setdefault(m.name, policy.guard_others)
+    for name, drop in sorted(guarded.items()):
+        m = _find(cmp.metrics, name)
+        d = m.diff
+        if not math.isfinite(d.low):
+            continue
+        checks.append(PolicyCheck(name=f"{name} guard", ok=d.low >= -drop, detail=(
+            f"diff {d.value:+.3f}, CI low {d.low:+.3f} must be >= -{drop:g}")))
+    cand_p95, base_p95 = cmp.candidate.stats.latency_p95_s, cmp.baseline.stats.latency_p95_s
+    if policy.max_latency_p95_ratio is not None and cand_p95 and base_p95:
+        r = cand_p95 / base_p95
+        checks.append(PolicyCheck(name="latency p95 ratio", ok=r <= policy.max_latency_p95_ratio, detail=(
+            f"{cand_p95:.3f}s / {base_p95:.3f}s = {r:.2f}x (limit {policy.max_latency_p95_ratio:g}x)")))
+    if policy.max_latency_p95_s is not None and cand_p95 is not None:
+        checks.append(PolicyCheck(name="latency p95", ok=cand_p95 <= policy.max_latency_p95_s,
+                                  detail=f"{cand_p95:.3f}s (limit {policy.max_latency_p95_s:g}s)"))
+    failed = [c for c in checks if not c.ok]
+    promote = not failed
+    summary = ("candidate beats the champion under the policy" if promote
+               else "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    return Decision(promote=promote, summary=summary, checks=checks)
+
+
+class PromotionRecord(BaseModel):
+    model: str
+    champion: str
+    previous: str | None
+    forced: bool
+    at: datetime
+    endpoint: str | None = None
+    revision: str | None = None
+
+
+def current_aliases(name: str) -> dict[str, str]:
+    from tasks.tracking import mlflow_client
+
+    rm = mlflow_client().get_registered_model(name)
+    return {k: str(v) for k, v in (rm.aliases or {}).items()}
+
+
+def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
+                 evidence: dict[str, Any] | None = None) -> PromotionRecord:
+    """champion -> version, challenger -> the previous champion; one audit entry links the evidence."""
+    from tasks.tracking import mlflow_client
+
+    client = mlflow_client()
+    try:
+        client.get_model_version(name, str(version))
+    except Exception as exc:
+        raise ConfigError("version", f"{name}/{version}", f"register it first; see `llmhost models show {name}`") from exc
+    before = current_aliases(name)
+    previous = before.get("champion")
+    if previous == str(version):
+        raise PromotionError(f"{name}/{version} is already the champion: nothing to promote")
+    client.set_registered_model_alias(name, "champion", str(version))
+    if previous is not None:
+        client.set_registered_model_alias(name, "challenger", previous)
+    audit.record(actor, "promote.forced" if forced else "promote", f"model:{name}",
+                 before={"champion": previous, "challenger": before.get("challenger")},
+                 after={"champion": str(version), "challenger": previous},
+                 **(evidence or {}))
+    return PromotionRecord(model=name, champion=str(version), previous=previous, forced=forced,
+                           at=datetime.now(UTC))
+
+
+def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
+    """Restores the previous champion (the `challenger` alias) as champion."""
+    before = current_aliases(name)
+    if "challenger" not in before:
+        raise PromotionError(f"{name} has no challenger alias: there is no previous champion to restore")
+    from tasks.tracking import mlflow_client
+
+    client = mlflow_client()
+    client.set_registered_model_alias(name, "champion", before["challenger"])
+    if "champion" in before:
+        client.set_registered_model_alias(name, "challenger", before["champion"])
+    audit.record(actor, "rollback", f"model:{name}", before=before,
+                 after={"champion": before["challenger"], "challenger": before.get("champion")})
+    return PromotionRecord(model=name, champion=before["challenger"], previous=before.get("champion"),
+                           forced=False, at=datetime.now(UTC))
+
+
+def _links(entry: Any) -> dict[str, Any]:
+    import json
+
+    out = json.loads(entry.links or "{}")
+    if entry.endpoint:
+        out.setdefault("endpoint", entry.endpoint)
+    return out
+
+
+class ServedAt(BaseModel):
+    endpoint: str
+    at: datetime
+    revision: str | None
+    model_version: str | None
+    routed_at: str | None
+    routed_by: str | None
+    promotion: dict[str, Any] | None = Field(default=None, description="The promotion entry and its eval runs.")
+
+
+def served_at(endpoint: str, at: datetime) -> ServedAt:
+    """What served `endpoint` at `at`, and on which eval evidence: read back from the audit chain."""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    stamp = at.isoformat()
+    route = None
+    promos: list[Any] = []
+    for e in audit.entries(endpoint=None):
+        if e.ts > stamp:
+            break
+        if e.action == "endpoint.route" and e.endpoint == endpoint:
+            route = e
+        if e.action.startswith("promote") or e.action == "rollback":
+            promos.append(e)
+    model_name = (_links(route).get("model_version") or "").split("/")[0] if route is not None else ""
+    related = [p for p in promos if p.endpoint == endpoint or (model_name and p.subject == f"model:{model_name}")]
+    promo = related[-1] if related else None
+    if route is None:
+        return ServedAt(endpoint=endpoint, at=at, revision=None, model_version=None, routed_at=None, routed_by=None)
+    links = _links(route)
+    return ServedAt(endpoint=endpoint, at=at, revision=links.get("revision"), model_version=links.get("model_version"),
+                    routed_at=route.ts, routed_by=route.actor,
+                    promotion=None if promo is None else {"action": promo.action, "ts": promo.ts,
+                                                          "actor": promo.actor, "subject": promo.subject,
+                                                          "after": promo.after, **_links(promo)})

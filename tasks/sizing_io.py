@@ -1,0 +1,221 @@
+"""The edge of sizing: read config.json, the tier catalog and the installed vLLM's defaults; publish results.
+
+`tasks/sizing.py` stays pure; everything that touches files, the environment or Prefect lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from pydantic import ValidationError
+
+from tasks.errors import ConfigError
+from tasks.settings import Settings, get_settings
+from tasks.sizing import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier, estimate_memory
+
+TIERS_PATH = Path(__file__).with_name("tiers.yaml")
+TIERS_ENV = "LLMHOST_TIERS_FILE"
+_UTIL_RE = re.compile(r"gpu_memory_utilization:\s*float\s*=\s*Field\(\s*default=([0-9.]+)")
+
+
+class ModelConfigSource:
+    """A parsed config.json with what else vLLM reads to size it (tokenizer max length)."""
+
+    def __init__(self, config: dict[str, Any], name: str, path: Path, tokenizer_max_len: int | None):
+        self.config, self.name, self.path, self.tokenizer_max_len = config, name, path, tokenizer_max_len
+
+
+def _read_json(path: Path, field: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            field,
+            str(path),
+            "no such file; pass a model dir holding config.json or --config path/to/config.json",
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(field, str(path), f"is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, str(path), "must hold a JSON object")
+    return data
+
+
+def read_model_config(
+    model_ref: str | Path | None = None, config_path: str | Path | None = None
+) -> ModelConfigSource:
+    """config.json from a local model dir (MODEL_REF) or an explicit file (--config)."""
+    if (model_ref is None) == (config_path is None):
+        raise ConfigError("model", model_ref or config_path, "pass exactly one of MODEL_REF or --config")
+    if model_ref is not None and str(model_ref).startswith(("models:/", "runs:/", "hf://")):
+        raise ConfigError(
+            "model",
+            str(model_ref),
+            "registry refs are not sized yet; pass a local model dir or --config path/to/config.json",
+        )
+    if config_path is not None:
+        path = Path(config_path)
+        if path.is_dir():
+            path = path / "config.json"
+        field, name = "config", path.parent.name if path.name == "config.json" else path.stem
+    else:
+        root = Path(str(model_ref))
+        if not root.exists():
+            raise ConfigError(
+                "model", str(model_ref), "no such directory; pass a local model dir or --config"
+            )
+        path = root / "config.json" if root.is_dir() else root
+        field, name = "model", root.name if root.is_dir() else root.stem
+    config = _read_json(path, field)
+    tok_max = None
+    tok_cfg = path.parent / "tokenizer_config.json"
+    if tok_cfg.exists():
+        try:
+            value = json.loads(tok_cfg.read_text()).get("model_max_length")
+            tok_max = int(value) if isinstance(value, int | float) and value < 10**9 else None
+        except (json.JSONDecodeError, ValueError):
+            tok_max = None
+    return ModelConfigSource(config, name, path, tok_max)
+
+
+def machine_memory_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _tier_entries(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(TIERS_ENV, str(path), "no such file; fix the path or unset it") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("tiers", str(path), f"is not valid YAML: {str(exc).splitlines()[0]}") from None
+    entries = data.get("tiers") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError("tiers", str(path), "must be a mapping with a `tiers:` list")
+    return entries
+
+
+def _to_tier(entry: dict[str, Any], settings: Settings, source: Path) -> Tier:
+    if not isinstance(entry, dict):
+        raise ConfigError("tiers[]", entry, "each tier is a mapping", source=str(source))
+    e = dict(entry)
+    name = e.get("name", "?")
+    mem_mib, mem_gib = e.pop("memory_mib", None), e.pop("memory_gib", None)
+    if mem_gib == "auto":
+        e["memory_bytes"] = machine_memory_bytes()
+    elif mem_gib is not None:
+        e["memory_bytes"] = int(float(mem_gib) * GiB)
+    elif mem_mib is not None:
+        e["memory_bytes"] = int(float(mem_mib) * MiB)
+    kv = e.pop("kv_cache_space_gib", None)
+    if kv == "setting":
+        e["kv_cache_space_bytes"] = int(settings.cpu_kvcache_space_gib * GiB)
+    elif kv is not None:
+        e["kv_cache_space_bytes"] = int(float(kv) * GiB)
+    try:
+        tier = Tier.model_validate(e)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "tier"
+        raise ConfigError(
+            f"tiers[{name}].{field}", err.get("input"), err["msg"], source=str(source)
+        ) from None
+    if tier.device == "cpu" and tier.kv_cache_space_bytes is None:
+        raise ConfigError(
+            f"tiers[{name}].kv_cache_space_gib",
+            None,
+            "a cpu tier needs its KV space (a number of GiB, or `setting`)",
+            source=str(source),
+        )
+    return tier
+
+
+def load_tiers(settings: Settings | None = None, extra_path: str | Path | None = None) -> list[Tier]:
+    """The packaged catalog, then LLMHOST_TIERS_FILE (or extra_path): same name replaces, new names add."""
+    settings = settings or get_settings()
+    tiers: dict[str, Tier] = {}
+    sources = [TIERS_PATH]
+    extra = extra_path or os.environ.get(TIERS_ENV)
+    if extra:
+        sources.append(Path(extra))
+    for src in sources:
+        for entry in _tier_entries(src):
+            tier = _to_tier(entry, settings, src)
+            tiers[tier.name] = tier
+    return list(tiers.values())
+
+
+def runtime_facts(settings: Settings | None = None) -> RuntimeFacts:
+    """vLLM's version and gpu_memory_utilization default from the runtime venv's files (no import)."""
+    settings = settings or get_settings()
+    venv = Path(settings.vllm_python).parent.parent  # a venv's python is a symlink: don't resolve it
+    for site in sorted(venv.glob("lib/python*/site-packages")):
+        version = None
+        for dist in sorted(site.glob("vllm*.dist-info")):
+            m = re.match(r"vllm(?:_cpu)?-([^-]+)\.dist-info$", dist.name)
+            if m:
+                version = m.group(1)
+        cache_py = site / "vllm" / "config" / "cache.py"
+        if version and cache_py.exists():
+            found = _UTIL_RE.search(cache_py.read_text(errors="replace"))
+            if found:
+                return RuntimeFacts(
+                    vllm_version=version,
+                    gpu_memory_utilization=float(found.group(1)),
+                    source=f"read from {cache_py}",
+                )
+    return RuntimeFacts()
+
+
+def make_request(**options: Any) -> SizingRequest:
+    """SizingRequest from CLI/flow options; a bad value becomes one ConfigError line naming the field."""
+    try:
+        return SizingRequest(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "request"
+        field = field.split(".")[0]
+        msg = err["msg"]
+        if "literal" in err["type"] or "enum" in err["type"]:
+            msg = msg.replace("Input should be", "use one of")
+        raise ConfigError(field, err.get("input"), msg) from None
+
+
+def size_model(
+    model_ref: str | Path | None,
+    request: SizingRequest,
+    *,
+    config_path: str | Path | None = None,
+    settings: Settings | None = None,
+) -> MemoryEstimate:
+    """Read the config, the tiers and the runtime's defaults, then size (pure)."""
+    settings = settings or get_settings()
+    src = read_model_config(model_ref, config_path)
+    return estimate_memory(
+        src.config,
+        request,
+        load_tiers(settings),
+        runtime=runtime_facts(settings),
+        name=src.name,
+        tokenizer_max_len=src.tokenizer_max_len,
+    )
+
+
+@task(name="size", retries=0)  # local file reads and arithmetic: nothing transient to retry
+def size_task(model_ref: str, request: SizingRequest, artifact_key: str | None = None) -> MemoryEstimate:
+    """Prefect edge: size the model and publish the explanation as a markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    estimate = size_model(model_ref, request)
+    create_markdown_artifact(
+        markdown=estimate.explanation,
+        key=artifact_key,
+        description=f"Memory sizing of {Path(model_ref).name}",
+    )
+    return estimate

@@ -1,0 +1,249 @@
+"""Bootstrap on known cases, cost arithmetic, and the verdict on constructed result sets."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.errors import EvalError
+from tasks.evaluation.compare import (
+    bootstrap_ci,
+    compare,
+    frontier_cost,
+    paired_bootstrap,
+    plot,
+    render_markdown,
+    self_hosted_cost,
+    tier_hourly_price,
+)
+from tasks.evaluation.metrics import ModelOutput, ScoreColumn, score_all
+from tasks.evaluation.runner import ExampleRecord, RunResult, compute_stats
+from tasks.evaluation.suite import LoadedSuite, load
+from tasks.evaluation.targets import Pricing, ResolvedTarget, TargetInfo
+
+LABELS = ["billing", "shipping", "returns", "technical"]
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_constant_is_degenerate() -> None:
+    iv = bootstrap_ci(ScoreColumn("x", np.full(50, 0.7)))
+    assert (iv.value, iv.low, iv.high, iv.n) == (
+        pytest.approx(0.7),
+        pytest.approx(0.7),
+        pytest.approx(0.7),
+        50,
+    )
+
+
+def test_bootstrap_bernoulli_matches_normal_approximation() -> None:
+    # 200 of 400 correct: the bootstrap SE is sqrt(p(1-p)/n) = 0.025, so the 95% interval is 0.5 +- 0.049.
+    values = np.array([1.0, 0.0] * 200)
+    iv = bootstrap_ci(ScoreColumn("acc", values), n_boot=4000)
+    assert iv.value == 0.5
+    assert iv.low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.006)
+    assert iv.high == pytest.approx(0.5 + 1.96 * 0.025, abs=0.006)
+
+
+def test_paired_bootstrap_uses_the_pairing() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 300)
+    shifted = ScoreColumn("s", base + 0.1)
+    d = paired_bootstrap(shifted, ScoreColumn("s", base))
+    # a constant per-example shift has no paired variance at all
+    assert (d.value, d.low, d.high) == (pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.1))
+    noisy = ScoreColumn("s", base + 0.02 + rng.normal(0, 0.01, 300))
+    d2 = paired_bootstrap(noisy, ScoreColumn("s", base))
+    a, b = bootstrap_ci(noisy), bootstrap_ci(ScoreColumn("s", base))
+    assert d2.low > 0  # detected although the two unpaired intervals overlap
+    assert a.low < b.high
+
+
+def test_nan_examples_are_left_out_of_means() -> None:
+    iv = bootstrap_ci(ScoreColumn("j", np.array([1.0, np.nan, 0.0, 1.0])))
+    assert iv.n == 3 and iv.value == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------- cost
+
+
+def test_cost_arithmetic() -> None:
+    recs = [
+        ExampleRecord(index=i, id=str(i), ok=True, latency_s=0.1, ttft_s=0.05, tokens_in=50, tokens_out=2)
+        for i in range(100)
+    ]
+    stats = compute_stats(recs, wall_s=10.0, concurrency=8, counts=Counter())
+    assert stats.throughput_rps == 10.0
+    pricing = Pricing(price_in_per_1m=0.15, price_out_per_1m=0.60, prices_as_of=date(2025, 8, 1))
+    # (50 * 0.15 + 2 * 0.60) / 1e6 per request -> x 1000
+    assert frontier_cost(stats, pricing).per_1k_requests_usd == pytest.approx(0.0087)
+    sh = self_hosted_cost(stats, hourly_usd=1.80, tier="l4-24gb-x1")
+    # $1.80/h / (10 req/s * 3600) * 1000
+    assert sh.per_1k_requests_usd == pytest.approx(0.05)
+    assert any("concurrency (8)" in a for a in sh.assumptions)
+
+
+def test_tier_price_from_catalog(tmp_path: Path) -> None:
+    p = tmp_path / "tiers.yaml"
+    p.write_text("tiers:\n  - name: cpu-local\n    price_per_hour: 0.10\n")
+    assert tier_hourly_price("cpu-local", p) == 0.10
+    with pytest.raises(EvalError, match="known tiers"):
+        tier_hourly_price("h100", p)
+    # the sizing catalog shipped in tasks/tiers.yaml
+    assert tier_hourly_price("cpu") == 0.0
+    assert tier_hourly_price("t4-16gb-x1") > 0
+
+
+# ---------------------------------------------------------------------------------------------- verdict
+
+
+@pytest.fixture(scope="module")
+def routing(tmp_path_factory: pytest.TempPathFactory) -> LoadedSuite:
+    d = tmp_path_factory.mktemp("suite")
+    rows = [{"id": f"r{i}", "message": f"m{i}", "queue": LABELS[i % 4]} for i in range(200)]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "routing.yaml").write_text(
+        f"""
+name: routing
+version: "1"
+data: {{path: rows.jsonl}}
+prompt: {{messages: [{{role: user, content: "{{{{ message }}}}"}}]}}
+metrics:
+  - {{kind: classification, reference: queue, labels: {LABELS}}}
+thresholds: {{primary: accuracy, tolerance: 0.03, max_latency_p95_ratio: 1.5, max_cost_ratio: 1.0}}
+"""
+    )
+    return load(d / "routing.yaml")
+
+
+def make_run(
+    loaded: LoadedSuite,
+    texts: list[str],
+    *,
+    spec: str = "url:http://127.0.0.1:1/v1#cand",
+    latency: float = 0.1,
+    wall_s: float = 20.0,
+    pricing: Pricing | None = None,
+) -> RunResult:
+    target = ResolvedTarget(
+        spec=spec, kind="frontier" if pricing else "url", base_url="http://x/v1", model="m", pricing=pricing
+    )
+    outputs = [ModelOutput(text=t) for t in texts]
+    records = [
+        ExampleRecord(
+            index=i,
+            id=ex.id,
+            ok=True,
+            output=t,
+            latency_s=latency,
+            ttft_s=latency / 2,
+            tokens_in=50,
+            tokens_out=2,
+        )
+        for i, (ex, t) in enumerate(zip(loaded.examples, texts, strict=True))
+    ]
+    per_ex, cols = score_all(loaded.suite, outputs, [ex.row for ex in loaded.examples])
+    for r, s in zip(records, per_ex, strict=True):
+        r.scores = s
+    res = RunResult(
+        suite_name=loaded.suite.name,
+        suite_version=loaded.suite.version,
+        suite_hash=loaded.content_hash,
+        target=target,
+        info=TargetInfo(revision_hash="r"),
+        records=records,
+        stats=compute_stats(records, wall_s, 8, Counter()),
+        generation=loaded.suite.generation,
+    )
+    res._columns = cols
+    return res
+
+
+PRICES = Pricing(price_in_per_1m=0.15, price_out_per_1m=0.60, prices_as_of=date(2025, 8, 1))
+
+
+def answers(loaded: LoadedSuite, wrong: int = 0, invalid: int = 0) -> list[str]:
+    """Gold answers; the first `wrong` get another label and the next `invalid` get no label at all."""
+    out = []
+    for i, ex in enumerate(loaded.examples):
+        gold = ex.row["queue"]
+        if i < wrong:
+            out.append(LABELS[(LABELS.index(gold) + 1) % 4])
+        elif i < wrong + invalid:
+            out.append("sorry , i can not help")
+        else:
+            out.append(gold)
+    return out
+
+
+def test_ready_when_quality_latency_and_cost_hold(routing: LoadedSuite) -> None:
+    base = make_run(routing, answers(routing, wrong=20), spec="frontier:f", pricing=PRICES)
+    cand = make_run(routing, answers(routing, wrong=20))
+    cmp = compare(
+        routing.suite, cand, base, hourly_price=0.10
+    )  # $0.10/h at 10 req/s: $0.0028 per 1k < $0.0087
+    assert cmp.verdict.ready and cmp.verdict.headline == "READY TO REPLACE"
+    assert cmp.verdict.recommendation is None
+    acc = cmp.metrics[0]
+    assert (acc.wins, acc.ties, acc.losses) == (0, 200, 0)
+    md = render_markdown(cmp)
+    assert "**Verdict: READY TO REPLACE**" in md and "assumes one replica" in md
+
+
+def test_not_yet_fine_tune_when_format_is_missed(routing: LoadedSuite) -> None:
+    base = make_run(routing, answers(routing), spec="frontier:f", pricing=PRICES)
+    cand = make_run(routing, answers(routing, invalid=60))
+    cmp = compare(routing.suite, cand, base, hourly_price=0.10)
+    assert not cmp.verdict.ready and cmp.verdict.recommendation == "fine-tune"
+    assert any("valid_label 0.70 vs 1.00" in r for r in cmp.verdict.reasons)
+    assert (cmp.metrics[0].wins, cmp.metrics[0].losses) == (0, 60)
+
+
+def test_not_yet_higher_precision_for_a_small_gap_on_fp8(routing: LoadedSuite) -> None:
+    base = make_run(routing, answers(routing), spec="frontier:f", pricing=PRICES)
+    cand = make_run(routing, answers(routing, wrong=10))
+    cmp = compare(routing.suite, cand, base, hourly_price=0.10, candidate_precision="fp8")
+    assert cmp.metrics[0].diff.value == pytest.approx(-0.05)
+    assert cmp.metrics[0].diff.low < -0.03
+    assert not cmp.verdict.ready and cmp.verdict.recommendation == "higher precision"
+    # the same numbers at full precision on a narrow task point to a fine-tune
+    assert compare(routing.suite, cand, base, hourly_price=0.10).verdict.recommendation == "fine-tune"
+
+
+def test_not_yet_larger_model_on_open_ended_task(tmp_path: Path) -> None:
+    rows = [{"id": f"q{i}", "q": "?", "ref": f"the answer is number {i} of many"} for i in range(60)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "qa.yaml").write_text(
+        'name: qa\nversion: "1"\ndata: {path: rows.jsonl}\n'
+        'prompt: {messages: [{role: user, content: "{{ q }}"}]}\n'
+        "metrics: [{kind: rouge_l, reference: ref}]\nthresholds: {tolerance: 0.05}\n"
+    )
+    qa = load(tmp_path / "qa.yaml")
+    base = make_run(qa, [r["ref"] for r in rows], spec="frontier:f", pricing=PRICES)
+    cand = make_run(qa, [f"maybe {i}" for i in range(60)])
+    cmp = compare(qa.suite, cand, base, hourly_price=0.10)
+    assert not cmp.verdict.ready and cmp.verdict.recommendation == "larger model"
+
+
+def test_not_yet_on_latency_or_unknown_cost(routing: LoadedSuite) -> None:
+    base = make_run(routing, answers(routing), spec="frontier:f", pricing=PRICES, latency=0.1)
+    slow = make_run(routing, answers(routing), latency=0.5)
+    v = compare(routing.suite, slow, base, hourly_price=0.10).verdict
+    assert not v.ready and v.recommendation is None
+    assert any(r.startswith("latency p95 ratio") and "5.00x" in r for r in v.reasons)
+    fast = make_run(routing, answers(routing))
+    v2 = compare(routing.suite, fast, base).verdict  # no hourly price for the self-hosted side
+    assert not v2.ready and any("pass --tier or --hourly-price" in r for r in v2.reasons)
+
+
+def test_plot_writes_png(routing: LoadedSuite, tmp_path: Path) -> None:
+    base = make_run(routing, answers(routing), spec="frontier:f", pricing=PRICES)
+    cmp = compare(routing.suite, make_run(routing, answers(routing, wrong=30)), base, hourly_price=0.1)
+    png = plot(cmp, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

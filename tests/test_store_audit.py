@@ -1,0 +1,229 @@
+"""The control-plane store and the hash-chained audit log, on real SQLite files (one per test)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from tasks import audit, store
+from tasks.errors import AccessError, ConfigError, GatewayError
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "store.db"
+
+
+@pytest.fixture()
+def engine(db: Path) -> Engine:
+    return store.get_engine(f"sqlite:///{db}")
+
+
+def test_key_lifecycle(engine: Engine, db: Path):
+    created = store.create_key("alice", team="ml", expires_in=timedelta(days=30), actor="admin",
+                               engine=engine)
+    raw, info = created.raw, created.info
+    prefix, secret = store.split_key(raw)
+    assert raw.startswith(f"llmh-{prefix}-") and info.prefix == prefix and len(secret) >= 40
+    got = store.verify_key(raw, engine=engine)
+    assert (got.user, got.team, got.prefix) == ("alice", "ml", prefix)
+    assert got.expires_at is not None
+    assert timedelta(days=29) < got.expires_at - store.utcnow() <= timedelta(days=30)
+
+    with pytest.raises(AccessError, match="not valid"):
+        store.verify_key(f"llmh-{prefix}-{'x' * 43}", engine=engine)
+    with pytest.raises(AccessError, match="malformed"):
+        store.verify_key("sk-not-ours", engine=engine)
+
+    store.revoke_key(prefix, actor="admin", engine=engine)
+    with pytest.raises(AccessError, match="revoked"):
+        store.verify_key(raw, engine=engine)
+    assert [k.revoked_at is not None for k in store.list_keys(engine=engine)] == [True]
+
+    # only a salted scrypt hash is stored
+    row = sqlite3.connect(db).execute("SELECT salt, key_hash FROM api_keys").fetchone()
+    assert row[1].startswith("scrypt:") and secret not in row[1]
+    for path in db.parent.glob("store.db*"):
+        assert secret.encode() not in path.read_bytes()
+
+
+def test_expired_key_is_refused(engine: Engine):
+    created = store.create_key("bob", expires_in=timedelta(seconds=0.05), engine=engine)
+    time.sleep(0.1)
+    with pytest.raises(AccessError, match="expired"):
+        store.verify_key(created.raw, engine=engine)
+    with pytest.raises(ConfigError):
+        store.create_key("bob", expires_in=timedelta(seconds=-1), engine=engine)
+
+
+def test_parse_duration():
+    assert store.parse_duration("30d") == timedelta(days=30)
+    assert store.parse_duration("1h") == timedelta(hours=1)
+    assert store.parse_duration("90s") == timedelta(seconds=90)
+    with pytest.raises(ConfigError, match="30d"):
+        store.parse_duration("soon")
+
+
+def test_endpoints_revisions_replicas_and_grants(engine: Engine):
+    store.upsert_endpoint("router", description="routes tickets", owner="ops", actor="admin", engine=engine)
+    spec = {"model": "m", "version": "1", "vllm": {"max_model_len": 1024}}
+    r1 = store.add_revision("router", spec, served_model_name="router", model_version="1", engine=engine)
+    again = store.add_revision("router", dict(reversed(spec.items())), served_model_name="router",
+                               engine=engine)
+    assert again.id == r1.id and r1.content_hash == store.spec_hash(spec)  # content-addressed
+    r2 = store.add_revision("router", {**spec, "version": "2"}, served_model_name="router", model_version="2",
+                            adapters={"tools": "router-tools"}, engine=engine)
+    store.add_replica("router", r1.content_hash[:10], base_url="http://127.0.0.1:9001",
+                      served_model_name="router", state="up", engine=engine)
+    rep = store.add_replica("router", r2.id, base_url="http://127.0.0.1:9002/v1", served_model_name="router",
+                            state="starting", engine=engine)
+    assert rep.base_url == "http://127.0.0.1:9002/v1"
+
+    epoch0, routes = store.load_routes(engine=engine)
+    assert routes["router"].revision_id is None  # nothing live yet
+    store.set_live_revision("router", r1.id, actor="admin", engine=engine)
+    store.set_live_revision("router", r2.content_hash[:12], reason="better eval", actor="admin",
+                            engine=engine)
+    assert [r.status for r in store.list_revisions("router", engine=engine)] == ["retired", "live"]
+
+    key = store.create_key("carol", team="support", engine=engine).info
+    assert store.grant("router", team="support", actor="admin", engine=engine) is True
+    assert store.grant("router", team="support", actor="admin", engine=engine) is False
+    epoch1, routes = store.load_routes(engine=engine)
+    route = routes["router"]
+    assert epoch1 > epoch0
+    assert route.revision_hash == r2.content_hash and route.adapters == {"tools": "router-tools"}
+    assert [r.base_url for r in route.replicas] == ["http://127.0.0.1:9002/v1"] and route.allows(key)
+
+    store.set_replica_state(rep.id, "stopped", actor="deploy", engine=engine)
+    assert store.load_routes(engine=engine)[1]["router"].replicas == ()  # stopped replicas are not routed to
+    assert store.revoke_grant("router", team="support", actor="admin", engine=engine) is True
+    assert not store.load_routes(engine=engine)[1]["router"].allows(key)
+    assert store.list_grants(engine=engine) == []
+
+    with pytest.raises(GatewayError, match="endpoints attach"):
+        store.add_revision("nope", spec, served_model_name="x", engine=engine)
+    with pytest.raises(ConfigError, match="adapters"):
+        store.upsert_endpoint("bad:name", engine=engine)
+
+    actions = [e.action for e in audit.entries(endpoint="router", engine=engine)]
+    assert actions.count("endpoint.route") == 2 and "access.grant" in actions and "access.revoke" in actions
+    route_entry = [e for e in audit.entries(action="endpoint.route", engine=engine)][-1]
+    assert r1.content_hash[:12] in route_entry.before and r2.content_hash[:12] in route_entry.after
+
+
+def test_attach_server_adds_replicas_to_the_same_revision(engine: Engine):
+    rev1, _ = store.attach_server("ext", base_url="http://127.0.0.1:9101/v1", served_model="m", engine=engine)
+    rev2, _ = store.attach_server("ext", base_url="http://localhost:9101/v1", served_model="m", engine=engine)
+    assert rev1.id == rev2.id and len(store.list_replicas("ext", engine=engine)) == 2
+    rev3, _ = store.attach_server("ext", base_url="http://127.0.0.1:9102/v1", served_model="m2",
+                                  engine=engine)
+    assert rev3.id != rev1.id
+    view = {e.name: e for e in store.list_endpoints(engine=engine)}["ext"]
+    assert view.served_model_name == "m2" and [r.base_url for r in view.replicas] == ["http://127.0.0.1:9102/v1"]
+
+
+def test_usage_rows_and_summary(engine: Engine):
+    now = store.utcnow()
+    base = {"key_prefix": "abcd1234", "user": "u", "team": "t", "endpoint": "e", "route": "chat",
+            "latency_ms": 10.0}
+    store.add_usage([
+        {**base, "ts": now - timedelta(hours=2), "status_code": 200, "prompt_tokens": 5,
+         "completion_tokens": 7},
+        {**base, "ts": now, "status_code": 200, "prompt_tokens": 3, "completion_tokens": 4, "ttft_ms": 2.0,
+         "stream": True},
+        {**base, "ts": now, "status_code": 503},
+    ], engine=engine)
+    assert len(store.list_usage(engine=engine)) == 3
+    assert len(store.list_usage(since=now - timedelta(hours=1), engine=engine)) == 2
+    (s,) = store.summarize_usage(endpoint="e", engine=engine)
+    assert (s.requests, s.errors, s.prompt_tokens, s.completion_tokens, s.avg_ttft_ms) == (3, 1, 8, 11, 2.0)
+    (recent,) = store.summarize_usage(since=now - timedelta(minutes=5), engine=engine)
+    assert (recent.requests, recent.prompt_tokens) == (2, 3)
+
+
+def test_audit_chain_verifies_and_detects_edits(engine: Engine, db: Path):
+    store.create_key("dave", team="ml", actor="admin", engine=engine)
+    store.upsert_endpoint("ep", owner="ops", actor="admin", engine=engine)
+    store.grant("ep", user="dave", actor="admin", engine=engine)
+    audit.record("deployer", "deploy.promote", "endpoint:ep", {"revision": "a"}, {"revision": "b"},
+                 engine=engine, endpoint="ep", model_version="3")
+    ok = audit.verify(engine=engine)
+    assert ok.ok and ok.entries == 4, ok.summary()
+
+    con = sqlite3.connect(db)
+    con.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
+    con.commit()
+    bad = audit.verify(engine=engine)
+    assert not bad.ok and bad.bad_seq == 2 and "edited" in bad.problem
+
+    con.execute("UPDATE audit_log SET actor = 'admin' WHERE seq = 2")  # put it back: verifies again
+    con.commit()
+    assert audit.verify(engine=engine).ok
+
+    # Recomputing the edited row's own hash does not help: the next row's link breaks.
+    row = con.execute("SELECT * FROM audit_log WHERE seq = 3").fetchone()
+    con.execute("UPDATE audit_log SET after = '{\"endpoint\":\"ep\",\"user\":\"mallory\"}' WHERE seq = 3")
+    con.commit()
+    with store.session_scope(engine) as s:
+        e = s.get(store.AuditEntry, 3)
+        forged = audit.entry_hash(e)
+    con.execute("UPDATE audit_log SET hash = ? WHERE seq = 3", (forged,))
+    con.commit()
+    bad = audit.verify(engine=engine)
+    assert not bad.ok and bad.bad_seq == 4 and "prev_hash" in bad.problem
+    assert row is not None
+
+    con.execute("DELETE FROM audit_log WHERE seq = 3")
+    con.commit()
+    assert audit.verify(engine=engine).bad_seq == 3
+
+
+def test_audit_cli_verify_fails_on_tampering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture):
+    from flows.cli import main
+
+    monkeypatch.setenv("LLMHOST_STORE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("LLMHOST_RAISE_ERRORS", raising=False)
+    assert main(["keys", "create", "--user", "erin", "--team", "ops"]) == 0
+    raw = capsys.readouterr().out.strip()
+    assert raw.startswith("llmh-")
+    assert main(["keys", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "erin" in out and store.split_key(raw)[0] in out and raw.split("-", 2)[2] not in out
+    assert main(["audit", "verify"]) == 0
+    assert "OK" in capsys.readouterr().out
+    con = sqlite3.connect(tmp_path / "cli.db")
+    con.execute("UPDATE audit_log SET subject = 'key:00000000' WHERE seq = 1")
+    con.commit()
+    assert main(["audit", "verify"]) == 1
+    assert "BROKEN at seq 1" in capsys.readouterr().err
+
+
+def test_secrets_are_scrubbed_from_audit_entries(engine: Engine):
+    raw = store.create_key("fay", engine=engine).raw
+    e = audit.record("admin", "oops", f"pasted {raw}", None, {"api_key": raw, "note": f"key {raw}"},
+                     engine=engine)
+    secret = raw.split("-", 2)[2]
+    assert secret not in e.subject and secret not in (e.after or "")
+    assert "[redacted]" in e.after and store.split_key(raw)[0] in e.subject
+
+
+def test_concurrent_appends_keep_the_chain(engine: Engine):
+    def work(i: int) -> None:
+        for j in range(10):
+            audit.record(f"worker{i}", "test.append", f"item:{i}-{j}", engine=engine)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = audit.verify(engine=engine)
+    assert result.ok and result.entries == 40, result.summary()
