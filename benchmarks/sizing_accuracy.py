@@ -120,7 +120,7 @@ EXTRA_SHAPES = [
 def build_tiny_model(shape: TinyShape, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """Random-weight fp32 model + the demo tokenizer; skipped when the same shape is already there."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel
 
     out_dir = Path(out_dir)
     stamp = out_dir / ".shape.json"
@@ -139,15 +139,16 @@ def build_tiny_model(shape: TinyShape, out_dir: Path, tokenizer_dir: Path, seed:
         bos_token_id=None,
         eos_token_id=2,
         pad_token_id=0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     if shape.head_dim is not None:
         common["head_dim"] = shape.head_dim
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if shape.architecture == "mistral":
         model = MistralForCausalLM(MistralConfig(sliding_window=shape.sliding_window, **common))
     else:
-        extra = {}
+        extra: dict[str, Any] = {}
         if shape.layer_types:
             extra = {"layer_types": shape.layer_types, "sliding_window": shape.sliding_window}
         model = LlamaForCausalLM(LlamaConfig(**common, **extra))

@@ -230,14 +230,17 @@ def _live_hash(endpoint: str) -> str | None:
 
 
 def size_plan(plan: RevisionPlan, spec: EndpointSpec) -> tuple[bool, str]:
-    """(fits, explanation markdown) for the revision on the spec's hardware."""
-    from tasks import sizing
+    """(fits, explanation markdown) for the revision on the spec's hardware (or the cheapest tier: auto)."""
+    from tasks.sizing_io import make_request, size_model
 
-    return sizing.check_revision(
-        model_dir=Path(plan.model_dir), hardware=spec.hardware, max_model_len=plan.vllm.max_model_len,
-        concurrency=spec.concurrency, dtype=plan.vllm.dtype, kv_cache_dtype=plan.vllm.kv_cache_dtype,
-        quantization=plan.vllm.quantization, tensor_parallel_size=spec.vllm.tensor_parallel_size,
-        gpu_memory_utilization=plan.vllm.gpu_memory_utilization)
+    request = make_request(
+        dtype=plan.vllm.dtype, quantization=plan.vllm.quantization, kv_cache_dtype=plan.vllm.kv_cache_dtype
+        if plan.vllm.kv_cache_dtype in {"auto", "fp8"} else "fp8", max_model_len=plan.vllm.max_model_len,
+        concurrency=spec.concurrency, gpu_memory_utilization=plan.vllm.gpu_memory_utilization,
+        tier=None if spec.hardware == "auto" else spec.hardware,
+        tensor_parallel_size=spec.vllm.tensor_parallel_size)
+    estimate = size_model(plan.model_dir, request)
+    return estimate.fits, estimate.explanation
 
 
 def start_replicas(plan: RevisionPlan, replicas: int, *, actor: str, target: LocalTarget | None = None) -> list[Replica]:

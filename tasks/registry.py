@@ -30,7 +30,7 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.errors import ConfigError, RegistryError
+from tasks.errors import ConfigError, LlmhostError, RegistryError
 from tasks.settings import get_settings
 from tasks.tracking import get_or_create_experiment, mlflow_client
 from tasks.vllm_compat import CompatResult, check_architectures, supported_architectures
@@ -269,31 +269,14 @@ def params_from_safetensors(headers: list[dict[str, Any]], config: dict[str, Any
 
 
 def params_from_config(config: dict[str, Any]) -> tuple[int, int] | None:
-    """(total, active) by decoder arithmetic, for when shapes do not tell (packed quantised weights)."""
-    c = _text_config(config)
+    """(total, active) by the sizing step's arithmetic, for when shapes do not tell (packed weights)."""
+    from tasks.sizing import count_params, parse_config
+
     try:
-        h, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
-        heads = int(c["num_attention_heads"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    kv = int(c.get("num_key_value_heads") or heads)
-    head_dim = int(c.get("head_dim") or h // heads)
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    inter = int(c.get("intermediate_size") or 4 * h)
-    moe = _moe_shape(c)
-    if moe:
-        experts, top_k = moe
-        per_expert = 3 * h * int(c.get("moe_intermediate_size") or inter)
-        shared = 3 * h * inter if c.get("shared_expert_intermediate_size") or c.get("n_shared_experts") else 0
-        mlp_total, mlp_active = (
-            experts * per_expert + h * experts + shared,
-            top_k * per_expert + h * experts + shared,
-        )
-    else:
-        mlp_total = mlp_active = 3 * h * inter
-    embed = vocab * h * (1 if c.get("tie_word_embeddings", True) else 2)
-    norms = layers * 2 * h + h
-    return embed + norms + layers * (attn + mlp_total), embed + norms + layers * (attn + mlp_active)
+        counted = count_params(parse_config(config))
+    except LlmhostError:
+        return None  # the config lacks a field the arithmetic needs; shapes are the better guess then
+    return counted.total, counted.active
 
 
 def chat_templates(model_dir: Path) -> list[str]:

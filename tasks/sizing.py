@@ -20,6 +20,7 @@ GPU the space is `gpu_memory_utilization x memory - weights - profiled overhead`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -154,6 +155,7 @@ class Tier(BaseModel):
     kv_cache_space_bytes: int | None = Field(
         default=None, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE in bytes."
     )
+    bf16: bool = Field(default=True, description="False for pre-Ampere GPUs (T4): bfloat16 runs as float16.")
     note: str = ""
 
 
@@ -738,6 +740,8 @@ def plan_on_tier(
     s: ModelShape, params: ParamCount, req: SizingRequest, tier: Tier, runtime: RuntimeFacts
 ) -> Plan:
     dtype = resolve_dtype(s, req.dtype)
+    if dtype == "bfloat16" and not tier.bf16:
+        dtype = "float16"  # vLLM refuses bfloat16 below compute capability 8.0 and asks for --dtype half
     quant = resolve_quantization(s, req.quantization)
     group = s.quant_group_size if (req.quantization is None and s.quant_group_size) else req.quant_group_size
     wbytes, wformula = weight_bytes_of(params, dtype, quant, group)
@@ -787,34 +791,26 @@ def plan_on_tier(
     cap = kv_capacity(layout, kv_avail, max_len, bpr)
     kv_token_total = layout.token_bytes_rank * tp
     kv_total = bpr * layout.bytes_per_block * req.concurrency * tp
-    fits, why = True, ""
+    why = ""
     if invalid:
-        fits, why = False, invalid
+        why = invalid
     elif tier.device == "cpu" and w_dev + kv_avail + overhead > budget:
-        fits, why = (
-            False,
-            (
-                f"weights {_gib(w_dev)} + KV space {_gib(kv_avail)} + runtime {_gib(overhead)} "
-                f"exceed {_gib(budget)} of RAM"
-            ),
+        why = (
+            f"weights {_gib(w_dev)} + KV space {_gib(kv_avail)} + runtime {_gib(overhead)} "
+            f"exceed {_gib(budget)} of RAM"
         )
     elif tier.device == "gpu" and w_dev + overhead >= budget:
-        fits, why = (
-            False,
-            (
-                f"weights {_gib(w_dev)}/GPU + overhead {_gib(overhead)} leave nothing of "
-                f"{util:g} x {_gib(tier.memory_bytes)} for the KV cache"
-            ),
+        why = (
+            f"weights {_gib(w_dev)}/GPU + overhead {_gib(overhead)} leave nothing of "
+            f"{util:g} x {_gib(tier.memory_bytes)} for the KV cache"
         )
     elif not kv_fits(layout, kv_avail, bpr, req.concurrency):
         need = layout.bytes_per_block * (bpr * req.concurrency + 1)
-        fits, why = (
-            False,
-            (
-                f"{req.concurrency} x {max_len:,}-token sequences need {_gib(need)} of KV per "
-                f"device; {_gib(kv_avail)} is available"
-            ),
+        why = (
+            f"{req.concurrency} x {max_len:,}-token sequences need {_gib(need)} of KV per device; "
+            f"{_gib(kv_avail)} is available"
         )
+    fits = not why
     return Plan(
         tier=tier,
         tp=tp,
@@ -952,38 +948,42 @@ def _max_len_that_fits(s: ModelShape, p: Plan) -> int:
 def _suggestions(
     s: ModelShape, params: ParamCount, req: SizingRequest, tiers: list[Tier], runtime: RuntimeFacts, ref: Plan
 ) -> list[str]:
-    """What would make it fit, each with its numbers."""
+    """What would make it fit, each with its numbers; one change at a time, else that change plus a shorter
+    context. Actionable lines come first (the CLI's one-line error quotes the first)."""
     out: list[str] = []
+
+    def where(p: Plan) -> str:
+        return f"`{p.tier.name}` (tensor_parallel_size {p.tp}, ${p.tier.price_per_hour:g}/h)"
 
     def cheapest(r: SizingRequest) -> Plan | None:
         fit = [p for p in plan_all(s, params, r, tiers, runtime) if p.fits]
         return fit[0] if fit else None
 
-    def where(p: Plan) -> str:
-        return f"`{p.tier.name}` (tensor_parallel_size {p.tp}, ${p.tier.price_per_hour:g}/h)"
+    def roomiest(r: SizingRequest) -> Plan | None:
+        room = [p for p in plan_all(s, params, r, tiers, runtime) if p.valid and p.kv_available_bytes]
+        return max(room, key=lambda p: p.kv_available_bytes) if room else None
+
+    def with_shorter_context(flag: str, r: SizingRequest, what: Callable[[Plan], str]) -> None:
+        q = roomiest(r)
+        best = _max_len_that_fits(s, q) if q else 0
+        if q and best > 0:
+            out.append(
+                f"**`{flag} --max-model-len {best}`:** {what(q)}; {q.concurrency} sequence(s) of "
+                f"{best:,} tokens fit on {where(q)}."
+            )
 
     if req.tier is not None or req.tensor_parallel_size != "auto":
         p = cheapest(req.model_copy(update={"tier": None, "tensor_parallel_size": "auto"}))
         if p:
             out.append(
-                f"**More GPUs / tensor parallelism:** fits on {where(p)}: {_gib(p.weight_bytes_per_device)}"
-                f" of weights per GPU, KV capacity {p.capacity.tokens:,} tokens."
+                f"**More GPUs / tensor parallelism:** fits on {where(p)}: "
+                f"{_gib(p.weight_bytes_per_device)} of weights per GPU, KV capacity {p.capacity.tokens:,} "
+                "tokens."
             )
-    else:
-        out.append(
-            "**More tensor parallelism:** no tier in the catalog fits even with all of its GPUs "
-            f"(largest tried: `{ref.tier.name}`)."
-        )
     for quant in ("awq", "fp8"):
         if ref.quantization in (quant, "int4") or (quant == "fp8" and ref.quantization in ("awq", "gptq")):
             continue
-        r = req.model_copy(
-            update={
-                "quantization": quant,
-                "tier": req.tier,
-                "tensor_parallel_size": "auto" if req.tier is None else req.tensor_parallel_size,
-            }
-        )
+        r = req.model_copy(update={"quantization": quant})
         p = cheapest(r)
         if p:
             out.append(
@@ -991,36 +991,36 @@ def _suggestions(
                 f"{_gib(ref.weight_bytes)}; fits on {where(p)} with {p.capacity.tokens:,} KV tokens."
             )
         else:
-            # Quantizing alone is not enough: how long a context would fit with it, on the roomiest tier?
-            roomy = [x for x in plan_all(s, params, r, tiers, runtime) if x.valid and x.kv_available_bytes]
-            q = max(roomy, key=lambda x: x.kv_available_bytes) if roomy else None
-            best = _max_len_that_fits(s, q) if q else 0
-            if q and best > 0:
-                out.append(
-                    f"**`--quantization {quant} --max-model-len {best}`:** weights {_gib(q.weight_bytes)}; "
-                    f"{q.concurrency} sequence(s) of {best:,} tokens fit on {where(q)}."
-                )
+            with_shorter_context(f"--quantization {quant}", r, lambda q: f"weights {_gib(q.weight_bytes)}")
     if req.kv_cache_dtype != "fp8":
-        p = cheapest(req.model_copy(update={"kv_cache_dtype": "fp8"}))
+        r = req.model_copy(update={"kv_cache_dtype": "fp8"})
+        p = cheapest(r)
         if p:
             out.append(
                 f"**`--kv-cache-dtype fp8`:** KV per token {p.kv_bytes_per_token:,} B instead of "
                 f"{ref.kv_bytes_per_token:,} B; fits on {where(p)}."
             )
-    for p in sorted(
-        (q for q in plan_all(s, params, req, tiers, runtime) if q.valid and q.kv_available_bytes),
-        key=lambda q: -q.kv_available_bytes,
-    )[:1]:
-        best = _max_len_that_fits(s, p)
+        else:
+            with_shorter_context("--kv-cache-dtype fp8", r, lambda q: f"KV {q.kv_bytes_per_token:,} B/token")
+    q = roomiest(req)
+    if q:
+        best = _max_len_that_fits(s, q)
         if best > 0:
             out.append(
-                f"**`--max-model-len {best}`** (from {p.max_model_len:,}): {p.concurrency} sequence(s) fit "
-                f"in {_gib(p.kv_available_bytes)} of KV space on {where(p)}."
+                f"**`--max-model-len {best}`** (from {q.max_model_len:,}): {q.concurrency} sequence(s) fit "
+                f"in {_gib(q.kv_available_bytes)} of KV space on {where(q)}."
             )
-    if not out:
+        if req.concurrency > 1:
+            n = (q.kv_available_bytes // q.layout.bytes_per_block - 1) // q.capacity.blocks_per_request
+            if n >= 1:
+                out.append(
+                    f"**`--concurrency {n}`** (from {req.concurrency}): that many {q.max_model_len:,}-token "
+                    f"sequences fit on {where(q)}."
+                )
+    if req.tier is None and req.tensor_parallel_size == "auto":
         out.append(
-            "Nothing in the catalog fits, even quantized: add a larger tier to the catalog "
-            "(LLMHOST_TIERS_FILE) or lower --concurrency."
+            f"**More tensor parallelism:** no tier in the catalog fits with all of its GPUs (the roomiest "
+            f"is `{ref.tier.name}`); add a larger tier through LLMHOST_TIERS_FILE."
         )
     return out
 
@@ -1147,7 +1147,8 @@ def _explain(
         lines.append(f"**Does not fit:** {p.fit_reason}.")
         lines += ["", "### What would make it fit", ""] + [f"- {x}" for x in suggestions]
     lines += ["", "```", "vllm serve MODEL " + " ".join(vllm_args_for(p)), "```", ""]
-    shown = plans[:8]
+    ranked = plans if fits else sorted(plans, key=lambda q: (not q.valid, -q.kv_available_bytes))
+    shown = ranked[:8]
     lines += ["| tier | $/h | tp | fits | KV capacity (tokens) | why not |", "|---|---|---|---|---|---|"]
     for q in shown:
         lines.append(

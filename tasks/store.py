@@ -828,11 +828,14 @@ def revoke_grant(endpoint: str, *, user: str | None = None, team: str | None = N
     kind, who = _grant_subject(user, team)
     with session_scope(engine) as s:
         e = _get_endpoint(s, endpoint)
-        model = User if kind == "user" else Team
-        row = s.execute(select(model).where(model.name == who)).scalar_one_or_none()
-        if row is None:
+        if kind == "user":
+            uid = s.execute(select(User.id).where(User.name == who)).scalar_one_or_none()
+            cond = AccessGrant.user_id == uid
+        else:
+            uid = s.execute(select(Team.id).where(Team.name == who)).scalar_one_or_none()
+            cond = AccessGrant.team_id == uid
+        if uid is None:
             return False
-        cond = AccessGrant.user_id == row.id if kind == "user" else AccessGrant.team_id == row.id
         g = s.execute(select(AccessGrant).where(AccessGrant.endpoint_id == e.id, cond)).scalar_one_or_none()
         if g is None:
             return False

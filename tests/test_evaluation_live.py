@@ -7,6 +7,9 @@ model under another name with the hermes tool parser, standing in for a frontier
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,16 @@ from tasks.evaluation.suite import load
 from tasks.evaluation.targets import TargetKeyError, resolve_target
 
 pytestmark = pytest.mark.slow
+
+LLMHOST = Path(sys.executable).with_name("llmhost")
+
+
+def llmhost(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it, in a subprocess (its output is what a terminal would show)."""
+    return subprocess.run(
+        [str(LLMHOST), *args], capture_output=True, text=True, timeout=900, env=os.environ.copy()
+    )
+
 
 STANDIN = "frontier-standin"
 
@@ -117,16 +130,12 @@ def test_rejected_requests_are_recorded_not_dropped_or_retried(vllm_server, tmp_
     assert res.stats.retries == {"429": 0, "5xx": 0, "timeout": 0}
 
 
-def test_frontier_without_key_names_the_variable(
-    frontier_catalog: str, capsys: pytest.CaptureFixture
-) -> None:
+def test_frontier_without_key_names_the_variable(frontier_catalog: str) -> None:
     with pytest.raises(TargetKeyError, match="LLMHOST_TEST_UNSET_KEY is not set"):
         resolve_target("frontier:nokey").api_key()
-    from flows.cli import main
-
-    assert main(["eval", "run", "demo_routing", "--target", "frontier:nokey", "--limit", "2"]) == 1
-    err = capsys.readouterr().err
-    assert "LLMHOST_TEST_UNSET_KEY" in err and len(err.strip().splitlines()) == 1
+    proc = llmhost("eval", "run", "demo_routing", "--target", "frontier:nokey", "--limit", "2")
+    assert proc.returncode == 1
+    assert "LLMHOST_TEST_UNSET_KEY" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_tool_suite_through_hermes_parser(standin: str) -> None:
@@ -235,28 +244,23 @@ def test_compare_logs_runs_tables_traces_and_report(
     assert "sk-standin-secret" not in dump
 
 
-def test_cli_compare_prints_verdict(
-    vllm_server, frontier_catalog: str, capsys: pytest.CaptureFixture
-) -> None:
-    from flows.cli import main
-
-    rc = main(
-        [
-            "eval",
-            "compare",
-            "demo_routing",
-            "--targets",
-            f"url:{vllm_server.base_url}#demo",
-            frontier_catalog,
-            "--limit",
-            "8",
-            "--tier",
-            "cpu",
-            "--no-traces",
-        ]
+def test_cli_compare_prints_verdict(vllm_server, frontier_catalog: str) -> None:
+    proc = llmhost(
+        "eval",
+        "compare",
+        "demo_routing",
+        "--targets",
+        f"url:{vllm_server.base_url}#demo",
+        frontier_catalog,
+        "--limit",
+        "8",
+        "--tier",
+        "cpu",
+        "--no-traces",
     )
-    out = capsys.readouterr().out
-    assert rc == 0 and "Verdict: " in out and "Cost per 1k requests" in out and "assumes one replica" in out
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Verdict: " in proc.stdout and "Cost per 1k requests" in proc.stdout
+    assert "assumes one replica" in proc.stdout
 
 
 def test_flow_publishes_markdown_artifact(vllm_server) -> None:

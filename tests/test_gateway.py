@@ -328,9 +328,12 @@ def test_metrics_count_what_was_sent(gateway: ThreadedGateway, alice: str, endpo
     assert metric(gateway, "llmhost_gateway_replica_up", endpoint=endpoint) == 1
 
 
-def test_new_user_flow_with_the_cli(gateway: ThreadedGateway, endpoint: str, capsys: pytest.CaptureFixture):
+def test_new_user_flow_with_the_cli(gateway: ThreadedGateway, endpoint: str, capsys: pytest.CaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch):
     """keys create -> access grant -> call with the SDK (streaming too) -> `llmhost usage` shows it."""
     from flows.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal, so rich does not fold table cells
 
     assert main(["keys", "create", "--user", "gw-frank", "--expires", "30d"]) == 0
     raw = capsys.readouterr().out.strip().splitlines()[-1]

@@ -316,6 +316,12 @@ def test_cheapest_fitting_tier_and_tp():
     assert tiny.recommendation.tier == "cpu" and tiny.recommendation.gpus == 0
 
 
+def test_bfloat16_model_runs_as_float16_on_t4():
+    t4 = next(t for t in load_tiers() if t.name == "t4-16gb-x2")
+    est = estimate_memory(cfg("llama-3.2-1b"), SizingRequest(max_model_len=8192), [t4])
+    assert not t4.bf16 and est.recommendation.vllm_args[:2] == ["--dtype", "float16"]
+
+
 def test_tp_must_divide_heads():
     est = estimate_memory(
         cfg("qwen2.5-7b"),
@@ -529,6 +535,7 @@ def _bench():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four sequential vLLM starts of ~50-90 s each on 2 shared cores
 def test_predicted_kv_capacity_equals_vllm_cpu_report(demo_model_dir, tmp_path):
     """Demo model + MHA + GQA + explicit head_dim, served one at a time: prediction == vLLM's log line."""
     bench = _bench()

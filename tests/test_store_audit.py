@@ -190,6 +190,7 @@ def test_audit_cli_verify_fails_on_tampering(tmp_path: Path, monkeypatch: pytest
     from flows.cli import main
 
     monkeypatch.setenv("LLMHOST_STORE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal, so rich does not fold table cells
     monkeypatch.delenv("LLMHOST_RAISE_ERRORS", raising=False)
     assert main(["keys", "create", "--user", "erin", "--team", "ops"]) == 0
     raw = capsys.readouterr().out.strip()

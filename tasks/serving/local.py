@@ -105,7 +105,7 @@ class LocalTarget:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         if not has_cuda_gpu():
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.cpu_kvcache_space_gib:g}")
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
         if args.enable_lora or args.lora_modules:
             # Lets the control plane hot-load adapters with /v1/load_lora_adapter, no restart.
             env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
