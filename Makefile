@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo test lint env runtime clean-state
+.PHONY: demo demo-serve test lint env runtime ui clean-state
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -27,7 +27,13 @@ $(VLLM_VENV)/.installed: scripts/install_runtime.sh
 	touch $@
 
 demo: env runtime
-	$(VENV)/bin/llmhost demo-serve
+	$(VENV)/bin/llmhost demo
+
+demo-serve: env runtime
+	$(VENV)/bin/llmhost demo-serve --serve
+
+ui: env runtime
+	bash scripts/ui.sh
 
 test: env runtime
 	$(VENV)/bin/python -m pytest

@@ -58,6 +58,7 @@ def main() -> int:
         "--base-url", help="Existing OpenAI-compatible server; default: start vLLM on the demo model."
     )
     ap.add_argument("--model", default="demo")
+    ap.add_argument("--model-dir", help="Serve this HF model dir instead of building the demo model.")
     ap.add_argument("--suite", default="demo_routing")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="Measured rounds per arm (after one warm-up each).")
@@ -74,7 +75,7 @@ def main() -> int:
         from tasks.serving.base import VllmArgs
         from tasks.serving.local import LocalTarget
 
-        model_dir = build_demo_model(ROOT / ".llmhost" / "demo").model_dir
+        model_dir = args.model_dir or build_demo_model(ROOT / ".llmhost" / "demo").model_dir
         target = LocalTarget()
         print("starting vLLM on the demo model ...", flush=True)
         replica = target.start(

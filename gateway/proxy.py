@@ -44,6 +44,7 @@ from tasks.settings import Settings, get_settings
 log = logging.getLogger("llmhost.gateway")
 
 _JSON = "application/json"
+_UPSTREAM_HEADERS = {"content-type": _JSON, "accept": "*/*"}
 
 
 def error_response(exc: ApiError) -> Response:
@@ -62,6 +63,7 @@ class Gateway:
         self.metrics = Metrics()
         self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s)
         self.client: httpx.AsyncClient | None = None
+        self.transport: httpx.AsyncHTTPTransport
         self.epoch = -1
         self.routes: dict[str, store.EndpointRoute] = {}
         self.epoch_poll_s = epoch_poll_s
@@ -76,10 +78,12 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.client = httpx.AsyncClient(
-            timeout=self.timeout, trust_env=False,
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=256, keepalive_expiry=60),
-        )
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=256, keepalive_expiry=60)
+        # Proxied requests go straight to httpx's pooled transport: the client layers above it (auth,
+        # redirects, cookies, event hooks) have nothing to do here and cost CPU on every request.
+        self.transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        self._timeout_ext = self.timeout.as_dict()
+        self.client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)  # health probes
         if self.engine.dialect.name == "sqlite":
             # A local file read of one row costs microseconds: check it on every request so revocations apply
             # at once. Other databases are polled in the background instead (a round trip per request is not).
@@ -100,6 +104,7 @@ class Gateway:
         await self.meter.close()
         if self.client is not None:
             await self.client.aclose()
+            await self.transport.aclose()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -309,10 +314,10 @@ class Gateway:
                                "the replica logs.", type="server_error", code="no_healthy_replica",
                                headers={"retry-after": self.retry_after})
             self.pool.acquire(replica.id)
-            req = self.client.build_request("POST", replica.base_url + path, content=body,
-                                            headers={"content-type": _JSON})
+            req = httpx.Request("POST", replica.base_url + path, content=body, headers=_UPSTREAM_HEADERS,
+                                extensions={"timeout": self._timeout_ext})
             try:
-                return replica, await self.client.send(req, stream=True)
+                return replica, await self.transport.handle_async_request(req)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self.pool.release(replica.id)
                 last_err = f"{type(exc).__name__} to {replica.name}"

@@ -1,0 +1,98 @@
+"""`llmhost lifecycle`, `llmhost demo`, `llmhost promote`, `llmhost data add`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _run_lifecycle(params):  # type: ignore[no-untyped-def]
+    from flows.lifecycle import lifecycle
+
+    return lifecycle(params)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("lifecycle")
+    def lifecycle_cmd(
+        source: str = typer.Option("demo", help="'demo', or a SOURCE: path:DIR | hf:ORG/NAME[@REV] | run:ID"),
+        name: str = typer.Option("demo", "--name", help="Registered model name."),
+        spec: str = typer.Option("deployments/demo.yaml", help="Endpoint spec YAML."),
+        suite: str = typer.Option("demo_routing", help="Eval suite."),
+        frontier: str | None = typer.Option(None, help="Frontier target, e.g. frontier:gpt-4o-mini."),
+        finetune_config: str = typer.Option("demo/finetune.yaml", help="FinetuneConfig YAML."),
+        finetune_max_steps: int | None = typer.Option(None, help="Override the fine-tune's max_steps."),
+        eval_limit: int | None = typer.Option(None, help="Evaluate only the first N examples."),
+    ) -> None:
+        """Run the whole lifecycle as the Prefect `lifecycle` flow and print its summary."""
+        from tasks.lifecycle import LifecycleParams
+
+        params = LifecycleParams(source=source, model_name=name, endpoint_spec=spec, suite=suite,
+                                 frontier=frontier, finetune_config=finetune_config,
+                                 finetune_max_steps=finetune_max_steps, eval_limit=eval_limit)
+        summary = _run_lifecycle(params)
+        typer.echo(summary.text())
+
+    @app.command("demo")
+    def demo_cmd(
+        frontier: str | None = typer.Option(None, help="Frontier target to compare against, if its key is set."),
+    ) -> None:
+        """The whole lifecycle on the demo model, then a key to call the endpoint with."""
+        import time
+
+        from rich.console import Console
+
+        from tasks import store
+        from tasks.lifecycle import LifecycleParams
+
+        console = Console()
+        t0 = time.monotonic()
+        summary = _run_lifecycle(LifecycleParams(frontier=frontier))
+        created = store.create_key("demo-user", team="ml-platform", description="make demo", actor="demo")
+        console.rule("llmhost demo")
+        console.print(summary.text())
+        console.print(f"key for {summary.endpoint} (shown once): {created.raw}")
+        console.print(f"try: curl {summary.gateway_url}/v1/chat/completions -H 'Authorization: Bearer <key>' "
+                      f"-H 'Content-Type: application/json' -d '{{\"model\": \"{summary.endpoint}\", "
+                      f"\"messages\": [{{\"role\": \"user\", \"content\": \"my parcel is late\"}}]}}'")
+        console.print(f"MLflow UI: `mlflow ui --backend-store-uri {summary.mlflow_uri}`; dashboard: "
+                      f"{summary.gateway_url}/ui (or `make ui`)")
+        console.print(f"stop serving: `llmhost endpoints stop {summary.endpoint}`; demo wall time "
+                      f"{time.monotonic() - t0:.0f}s")
+
+    @app.command("promote")
+    def promote_cmd(
+        name: str = typer.Argument(..., help="Registered model name."),
+        version: str = typer.Argument(..., help="Version to make champion."),
+        force: bool = typer.Option(False, "--force", help="Required: promote without the policy (audited)."),
+        spec: Path | None = typer.Option(None, help="Endpoint spec to redeploy (blue/green) after the move."),
+    ) -> None:
+        """Make VERSION the champion by hand (audited as forced); the policy path runs in `lifecycle`."""
+        from tasks.audit import default_actor
+        from tasks.errors import ConfigError
+        from tasks.promotion import move_aliases
+
+        if not force:
+            raise ConfigError("--force", False, "manual promotion bypasses the policy; pass --force to confirm")
+        rec = move_aliases(name, version, actor=default_actor(), forced=True)
+        typer.echo(f"{name}: champion v{rec.champion} (was v{rec.previous}); challenger v{rec.previous}")
+        if spec:
+            from tasks.endpoints import deploy, load_spec
+
+            typer.echo(deploy(load_spec(spec)).message)
+
+    data = typer.Typer(help="Datasets under the state dir; adding data emits llmhost.dataset.updated.")
+    app.add_typer(data, name="data")
+
+    @data.command("add")
+    def data_add(
+        file: Path = typer.Argument(..., help="JSONL of chat rows to append."),
+        dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
+    ) -> None:
+        """Append FILE to the dataset and emit `llmhost.dataset.updated` (triggers retraining)."""
+        from tasks.datasets import add_rows
+
+        res = add_rows(file, dataset)
+        typer.echo(f"{dataset}: +{res.added} rows ({res.rows} total), hash {res.hash[:12]}; "
+                   f"event {res.event_id or 'not emitted'}")
