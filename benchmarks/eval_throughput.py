@@ -113,10 +113,19 @@ def main() -> int:
 
         asyncio.run(plain_load(base_url, args.model, requests, params, args.concurrency))  # warm-up
         asyncio.run(runner_rate())
-        plain, runner = [], []
+        plain, runner, cpu_plain, cpu_runner = [], [], [], []
         for r in range(args.rounds):
-            plain.append(asyncio.run(plain_load(base_url, args.model, requests, params, args.concurrency)))
-            runner.append(asyncio.run(runner_rate_e2e()))
+            # Alternate which arm goes first, so that neither always follows the other.
+            for arm in ("plain", "runner") if r % 2 == 0 else ("runner", "plain"):
+                c0 = time.process_time()
+                if arm == "plain":
+                    plain.append(
+                        asyncio.run(plain_load(base_url, args.model, requests, params, args.concurrency))
+                    )
+                    cpu_plain.append((time.process_time() - c0) / n)
+                else:
+                    runner.append(asyncio.run(runner_rate_e2e()))
+                    cpu_runner.append((time.process_time() - c0) / n)
             print(
                 f"round {r + 1}: plain {plain[-1]:.2f} ex/s, runner {runner[-1]:.2f} ex/s, "
                 f"ratio {runner[-1] / plain[-1]:.3f}",
@@ -126,6 +135,10 @@ def main() -> int:
         print(f"\nplain load  : {p:.2f} examples/s (median of {args.rounds})")
         print(f"eval runner : {q:.2f} examples/s (median; whole run_suite call incl. preflight and scoring)")
         print(f"ratio runner/plain = {q / p:.3f} (target >= 0.90) -> {'PASS' if q / p >= 0.9 else 'FAIL'}")
+        print(
+            f"client CPU per example: plain {1e3 * statistics.median(cpu_plain):.2f} ms, "
+            f"runner {1e3 * statistics.median(cpu_runner):.2f} ms (the server shares these cores)"
+        )
 
         if args.mlflow:
             with tempfile.TemporaryDirectory() as home:

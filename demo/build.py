@@ -38,7 +38,7 @@ class DemoModelConfig(BaseModel):
     steps: int = Field(default=600, ge=1, description="Pretraining steps.")
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=3e-3, gt=0)
-    tool_sft_steps: int = Field(default=300, ge=0, description="Instruction steps on tool calls, answer-masked.")
+    tool_sft_steps: int = Field(default=0, ge=0, description="Instruction steps on tool calls, answer-masked.")
     seed: int = data.SEED
 
 

@@ -117,6 +117,13 @@ def serve(host: str | None = None, port: int | None = None, *, access_log: bool 
 
     settings = get_settings()
     settings.ensure_dirs()
+    # uvicorn configures only its own loggers; route, health and metering messages use llmhost.*
+    ours = logging.getLogger("llmhost")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(log_level.upper())
     uvicorn.run(create_app(settings=settings), host=host or settings.gateway_host,
                 port=port or settings.gateway_port, access_log=access_log, log_level=log_level,
                 timeout_graceful_shutdown=30)

@@ -36,9 +36,13 @@ MARKUP_TO_PARSER: list[tuple[str, str]] = [
 class SmokeConfig(BaseModel):
     """What the smoke test sends; the defaults suit any chat model with tools."""
 
-    prompt: str = Field(default="hello , can you help me ?", description="Chat prompt for the chat/stream checks.")
+    prompt: str = Field(
+        default="hello , can you help me ?", description="Chat prompt for the chat/stream checks."
+    )
     max_tokens: int = Field(default=32, gt=0, le=4096)
-    tool_prompt: str = Field(default="what is the weather in paris ?", description="Should trigger a tool call.")
+    tool_prompt: str = Field(
+        default="what is the weather in paris ?", description="Should trigger a tool call."
+    )
     tools: list[dict[str, Any]] = Field(default_factory=lambda: [DEFAULT_TOOL])
     expect_tool: str | None = Field(default=None, description="Function name the call must use, if known.")
     timeout_s: float = Field(default=60.0, gt=0)
@@ -65,10 +69,20 @@ class SmokeReport(BaseModel):
         return [c for c in self.checks if not c.passed]
 
     def markdown(self) -> str:
-        rows = [f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail.replace('|', '/')} | {c.seconds:.2f}s |"
-                for c in self.checks]
-        return "\n".join([f"Smoke test of `{self.model}` at {self.base_url}", "",
-                          "| check | result | detail | time |", "|---|---|---|---|", *rows])
+        rows = [
+            f"| {c.name} | {'pass' if c.passed else '**FAIL**'} | {c.detail.replace('|', '/')} | "
+            f"{c.seconds:.2f}s |"
+            for c in self.checks
+        ]
+        return "\n".join(
+            [
+                f"Smoke test of `{self.model}` at {self.base_url}",
+                "",
+                "| check | result | detail | time |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
 
 
 def suggest_parser(content: str) -> str | None:
@@ -103,11 +117,20 @@ def _timed(name: str, fn: Callable[[], tuple[bool, str, dict[str, Any]]]) -> Smo
         ok, detail, evidence = fn()
     except Exception as exc:  # a smoke check reports every failure as evidence, never raises
         ok, detail, evidence = False, f"{type(exc).__name__}: {exc}"[:300], {}
-    return SmokeCheck(name=name, passed=ok, detail=detail, seconds=round(time.monotonic() - t0, 3), evidence=evidence)
+    return SmokeCheck(
+        name=name, passed=ok, detail=detail, seconds=round(time.monotonic() - t0, 3), evidence=evidence
+    )
 
 
-def run_smoke(base_url: str, model: str, config: SmokeConfig | None = None, *, api_key: str = "unused",
-              tool_calling: bool = True, tool_call_parser: str | None = None) -> SmokeReport:
+def run_smoke(
+    base_url: str,
+    model: str,
+    config: SmokeConfig | None = None,
+    *,
+    api_key: str = "unused",
+    tool_calling: bool = True,
+    tool_call_parser: str | None = None,
+) -> SmokeReport:
     """Runs every check against an OpenAI-compatible base URL (ending in /v1)."""
     import openai
 
@@ -126,8 +149,12 @@ def run_smoke(base_url: str, model: str, config: SmokeConfig | None = None, *, a
         return ok, f"/v1/models lists {ids}" + ("" if ok else f"; {model!r} missing"), {"models": ids}
 
     def chat() -> tuple[bool, str, dict[str, Any]]:
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": cfg.prompt}],
-                                           max_tokens=cfg.max_tokens, temperature=0)
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": cfg.prompt}],
+            max_tokens=cfg.max_tokens,
+            temperature=0,
+        )
         text = r.choices[0].message.content or ""
         usage = r.usage.model_dump() if r.usage else {}
         ok = bool(text.strip()) and bool(usage.get("completion_tokens"))
@@ -135,9 +162,14 @@ def run_smoke(base_url: str, model: str, config: SmokeConfig | None = None, *, a
         return ok, f"{why}: {text[:60]!r}", {"content": text, "usage": usage}
 
     def stream() -> tuple[bool, str, dict[str, Any]]:
-        s = client.chat.completions.create(model=model, messages=[{"role": "user", "content": cfg.prompt}],
-                                           max_tokens=cfg.max_tokens, temperature=0, stream=True,
-                                           stream_options={"include_usage": True})
+        s = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": cfg.prompt}],
+            max_tokens=cfg.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         parts, finish, chunks, usage = [], None, 0, None
         for chunk in s:
             chunks += 1
@@ -148,24 +180,40 @@ def run_smoke(base_url: str, model: str, config: SmokeConfig | None = None, *, a
                 finish = chunk.choices[0].finish_reason or finish
         text = "".join(parts)
         ok = finish in {"stop", "length"} and bool(text.strip())
-        return ok, f"{chunks} chunks, finish_reason={finish}", {"content": text, "usage": usage, "finish": finish}
+        return (
+            ok,
+            f"{chunks} chunks, finish_reason={finish}",
+            {"content": text, "usage": usage, "finish": finish},
+        )
 
     def tools() -> tuple[bool, str, dict[str, Any]]:
         r = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": cfg.tool_prompt}], tools=cfg.tools,
-            tool_choice="auto", max_tokens=max(cfg.max_tokens, 64), temperature=0)
+            model=model,
+            messages=[{"role": "user", "content": cfg.tool_prompt}],
+            tools=cfg.tools,
+            tool_choice="auto",
+            max_tokens=max(cfg.max_tokens, 64),
+            temperature=0,
+        )
         msg = r.choices[0].message
         content = msg.content or ""
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in (msg.tool_calls or [])]
         evidence = {"content": content, "tool_calls": calls}
         markup = suggest_parser(content)
         if not calls:
-            if markup:
-                hint = (f"tool call landed in content, not tool_calls: the parser "
-                        f"{tool_call_parser or '(none)'!r} likely does not match the model's format; "
-                        f"use --tool-call-parser {markup}")
+            if markup and markup == tool_call_parser:
+                hint = (
+                    f"tool call landed in content, not tool_calls: the model wrote {markup} markup but the "
+                    f"{markup} parser could not read it (malformed call?): {content[:120]!r}"
+                )
+            elif markup:
+                hint = (
+                    f"tool call landed in content, not tool_calls: the parser "
+                    f"{tool_call_parser or '(none)'!r} likely does not match the model's format; "
+                    f"use --tool-call-parser {markup} (tool_calling: {{parser: {markup}}} in the spec)"
+                )
             else:
-                hint = f"no tool call in the answer: {content[:80]!r}"
+                hint = f"no tool call in the answer: {content[:120]!r}"
             return False, hint, evidence
         for c in calls:
             if cfg.expect_tool and c["name"] != cfg.expect_tool:

@@ -171,6 +171,20 @@ def test_streaming_is_not_buffered(gateway: ThreadedGateway, alice: str, endpoin
     assert arrivals[0] < arrivals[-1] * 0.5, f"first event at {arrivals[0]:.3f}s, last at {arrivals[-1]:.3f}s"
 
 
+def test_client_leaving_mid_stream_is_metered_and_frees_the_replica(gateway: ThreadedGateway, endpoint: str):
+    raw = new_key("gw-hal", team="gw-ml")
+    prefix = store.split_key(raw)[0]
+    body = {"model": endpoint, "messages": MSG, "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {raw}"}, timeout=60) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i > 5:
+                break  # leave after a few events; closing the response drops the connection
+    (row,) = wait_for(lambda: store.list_usage(key_prefix=prefix), what="usage row")
+    assert row.status_code == 499 and row.stream and row.ttft_ms is not None
+    wait_for(lambda: all(st.outstanding == 0 for st in gateway.gw.pool.status.values()), what="release")
+
+
 def test_usage_is_metered_for_streamed_and_plain_requests(gateway: ThreadedGateway, endpoint: str):
     raw = new_key("gw-bob", team="gw-ml")
     prefix = store.split_key(raw)[0]

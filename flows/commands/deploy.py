@@ -3,31 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 
-def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+def print_result(result: Any) -> None:
+    """Smoke tables, drain numbers and the outcome line; exit 1 when nothing went live."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     console = Console()
     if result.outcome == "refused" and result.sizing_markdown:
         console.print(Markdown(result.sizing_markdown))
+    if result.tool_calling and result.outcome != "unchanged":
+        console.print(f"tool calling: {result.tool_calling}")
     for rp in result.smoke:
         console.print(Markdown(rp.markdown()))
+    for d in result.drain:
+        console.print(
+            f"drained {d.replica}: waited {d.waited_s}s, up to {d.max_in_flight} request(s) in flight"
+            + (" [red](timed out)[/red]" if d.timed_out else "")
+        )
     color = {"live": "green", "unchanged": "cyan"}.get(result.outcome, "red")
     console.print(f"[{color}]{result.endpoint}: {result.message}[/{color}] ({result.seconds}s)")
     if result.outcome in {"failed", "refused"}:
         raise typer.Exit(1)
 
 
+def _run_flow(flow: Any, *args: Any, **kwargs: Any) -> Any:
+    state = flow(*args, return_state=True, **kwargs)
+    return state.result()  # re-raises the flow's DeployError, which the CLI prints as one line
+
+
 def register(app: typer.Typer) -> None:
     @app.command("deploy")
     def deploy(
         spec: Path = typer.Argument(..., help="Endpoint spec YAML, e.g. deployments/demo.yaml"),
-        force: bool = typer.Option(False, help="Redeploy even when the revision is already live."),
-        flow: bool = typer.Option(False, "--flow", help="Run as the Prefect `deploy` flow (artifacts in the UI)."),
+        force: bool = typer.Option(False, help="Restart the revision even when it is already live."),
+        flow: bool = typer.Option(
+            False, "--flow", help="Run as the Prefect `deploy` flow (artifacts in the UI)."
+        ),
     ) -> None:
         """Plan, size, start, smoke-test and switch an endpoint to a new revision (blue/green)."""
         from tasks.endpoints import deploy as do_deploy
@@ -37,17 +53,24 @@ def register(app: typer.Typer) -> None:
         if flow:
             from flows.deploy import deploy_flow
 
-            result = deploy_flow(parsed, force=force)
+            print_result(_run_flow(deploy_flow, parsed, force=force))
         else:
-            result = do_deploy(parsed, force=force)
-        _print_result(result)
+            print_result(do_deploy(parsed, force=force))
 
     @app.command("rollback")
     def rollback(
         name: str = typer.Argument(..., help="Endpoint name."),
-        to: str | None = typer.Option(None, "--to", help="Revision hash prefix; default: the previous good one."),
+        to: str | None = typer.Option(
+            None, "--to", help="Revision hash prefix; default: the previous good one."
+        ),
+        flow: bool = typer.Option(False, "--flow", help="Run as the Prefect `rollback` flow."),
     ) -> None:
-        """Redeploy the previous good revision through the same smoke-tested path."""
+        """Redeploy the previous good revision through the same smoke-tested blue/green path."""
         from tasks.endpoints import rollback as do_rollback
 
-        _print_result(do_rollback(name, to=to))
+        if flow:
+            from flows.deploy import rollback_flow
+
+            print_result(_run_flow(rollback_flow, name, to=to))
+        else:
+            print_result(do_rollback(name, to=to))

@@ -1,4 +1,4 @@
-"""`llmhost endpoints attach|list`: register vLLM servers llmhost does not manage, and list endpoints."""
+"""`llmhost endpoints attach|list|show|stop`: attach unmanaged vLLM servers, inspect and stop endpoints."""
 
 from __future__ import annotations
 
@@ -33,18 +33,62 @@ def attach(
 
 @endpoints_app.command("list")
 def list_() -> None:
-    """Endpoints with their live revision and replicas."""
+    """Endpoints with their live revision and its replicas (state, URL, KV capacity)."""
     from rich.console import Console
     from rich.table import Table
 
     from tasks import store
 
-    table = Table("endpoint", "status", "live revision", "served model", "model version", "replicas", "owner")
+    table = Table("endpoint", "status", "live revision", "served model", "model version",
+                  "replicas (state, KV tokens)", "owner")
     for e in store.list_endpoints():
-        reps = "\n".join(f"{r.base_url} ({r.state})" for r in e.replicas) or "-"
+        reps = "\n".join(f"{r.base_url} ({r.state}, {_kv(r.kv_cache_tokens)})" for r in e.replicas) or "-"
         table.add_row(e.name, e.status, e.live_revision or "-", e.served_model_name or "-",
                       e.model_version or "-", reps, e.owner or "-")
     Console().print(table)
+
+
+def _kv(tokens: int | None) -> str:
+    return f"{tokens:,} KV tokens" if tokens else "KV ?"
+
+
+@endpoints_app.command("show")
+def show(
+    name: str = typer.Argument(..., help="Endpoint name."),
+    all_replicas: bool = typer.Option(False, "--all", help="Also list stopped and failed replicas."),
+) -> None:
+    """Every revision of an endpoint, newest first: status, model version, tool calling, replicas."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks import store
+    from tasks.endpoints import describe
+
+    e = store.get_endpoint(name)
+    console = Console()
+    console.print(f"[bold]{e.name}[/bold] ({e.status}){' - ' + e.description if e.description else ''}")
+    table = Table("revision", "status", "model version", "served as", "tool calling", "replicas", "reason")
+    for rv in describe(name):
+        reps = [r for r in rv.replicas if all_replicas or r.state not in ("stopped", "failed")]
+        cell = "\n".join(f"{r.url} ({r.state}, {_kv(r.kv_cache_tokens)}, pid {r.pid})" for r in reps)
+        hidden = len(rv.replicas) - len(reps)
+        cell = (cell + (f"\n+{hidden} stopped" if hidden else "")).strip() or "-"
+        mark = " *" if rv.live else ""
+        adapters = f" (+{', '.join(sorted(rv.adapters))})" if rv.adapters else ""
+        table.add_row(rv.revision + mark, rv.status, rv.model_version or "-", rv.served_model_name + adapters,
+                      rv.tool_calling or "-", cell, (rv.reason or "")[:300])
+    console.print(table)
+    console.print("* = live revision")
+
+
+@endpoints_app.command("stop")
+def stop(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
+    """Stop every replica of an endpoint; the gateway answers 503 until it is deployed again."""
+    from tasks.endpoints import stop_endpoint
+
+    n = stop_endpoint(name)
+    typer.echo(f"endpoint {name}: stopped {n} replica(s); redeploy with `llmhost deploy SPEC` or "
+               f"`llmhost rollback {name}`")
 
 
 def register(app: typer.Typer) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from tasks.errors import EvalError
 from tasks.evaluation.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
 from tasks.evaluation.suite import Example, GenerationParams, LlmJudge, LoadedSuite
-from tasks.evaluation.targets import ResolvedTarget, TargetInfo, resolve_target
+from tasks.evaluation.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
 from tasks.settings import get_settings
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -132,7 +132,13 @@ async def preflight(client: openai.AsyncOpenAI, target: ResolvedTarget) -> Targe
             f"target {target.spec}: model {target.model!r} is not served at {url}; "
             f"it serves {sorted(entries)}"
         )
-    return TargetInfo.from_entry(target, entries.get(target.model))
+    entry = dict(entries.get(target.model) or {})
+    revision, model_version = endpoint_revision(target)
+    if revision:
+        entry["revision"] = revision
+    if model_version:
+        entry["model_version"] = model_version
+    return TargetInfo.from_entry(target, entry)
 
 
 async def _stream_once(
@@ -254,6 +260,7 @@ def _progress(enabled: bool, total: int, label: str):  # type: ignore[no-untyped
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=False,
+        refresh_per_second=4,  # the client shares the CPU with a local server; redraws are not free
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)

@@ -173,3 +173,23 @@ class TargetInfo(BaseModel):
             ident["base_url"] = target.base_url
             rev = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return cls(model_entry=entry, revision_hash=str(rev))
+
+
+def endpoint_revision(target: ResolvedTarget) -> tuple[str | None, str | None]:
+    """(live revision hash, model version) of an `endpoint:` target from the control-plane store.
+
+    The gateway's /v1/models lists names only; the store that the gateway routes from knows the revision.
+    A store without the endpoint (a gateway run elsewhere) yields (None, None).
+    """
+    if target.kind != "endpoint":
+        return None, None
+    name = target.model.split(":", 1)[0]
+    try:
+        from tasks import store
+
+        view = next((e for e in store.list_endpoints() if e.name == name), None)
+    except Exception:  # store unreachable or not initialised: fall back to the /models identity
+        return None, None
+    if view is None:
+        return None, None
+    return view.live_revision, view.model_version

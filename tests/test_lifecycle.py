@@ -1,0 +1,168 @@
+"""The lifecycle end to end on the demo model: real vLLM, gateway, MLflow, Prefect; resume from cache; triggers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks.serving.local import free_port
+from tasks.settings import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+
+@pytest.fixture(scope="module")
+def gateway_port():
+    """The lifecycle starts its own gateway process on this port; stopped with the endpoint afterwards."""
+    port = free_port()
+    old = os.environ.get("LLMHOST_GATEWAY_PORT")
+    os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
+    yield port
+    from tasks import endpoints, store
+    from tasks.settings import get_settings
+
+    for ep in store.list_endpoints():
+        if ep.name.startswith("demo"):
+            endpoints.stop_endpoint(ep.name, actor="test")
+    pid_file = get_settings().home_abs / "gateway.pid"
+    if pid_file.exists():
+        try:
+            os.killpg(int(pid_file.read_text()), 15)
+        except ProcessLookupError:
+            pass
+    if old is None:
+        os.environ.pop("LLMHOST_GATEWAY_PORT", None)
+    else:
+        os.environ["LLMHOST_GATEWAY_PORT"] = old
+
+
+def _finetune_runs() -> int:
+    from tasks.tracking import configure_mlflow, mlflow_client
+
+    configure_mlflow()
+    client = mlflow_client()
+    exps = [e.experiment_id for e in client.search_experiments() if "finetune" in e.name.lower()]
+    return len(client.search_runs(exps)) if exps else 0
+
+
+def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir, gateway_port):
+    from flows.lifecycle import lifecycle
+    from tasks.lifecycle import LifecycleParams
+    from tasks.promotion import current_aliases
+
+    # The suite is first needed after fine-tuning: this run fails there, with the reason.
+    with pytest.raises(Exception, match="no_such_suite"):
+        lifecycle(LifecycleParams(suite="no_such_suite"))
+    runs_after_failure = _finetune_runs()
+    assert runs_after_failure == 1
+    assert current_aliases("demo")["champion"] == "1"
+
+    t0 = time.monotonic()
+    summary = lifecycle(LifecycleParams())
+    wall = time.monotonic() - t0
+    # Resumed: register and fine-tune came from Prefect's cache, so no second training run exists.
+    assert _finetune_runs() == runs_after_failure
+    steps = {t.step: t.seconds for t in summary.timings}
+    assert {"register", "size", "deploy", "fine-tune", "redeploy", "compare"} <= set(steps)
+    print(f"\nlifecycle rerun wall {wall:.0f}s; steps {steps}\n{summary.text()}")
+
+    assert summary.base_score is not None and summary.tuned_score is not None
+    assert summary.tuned_score > summary.base_score + 0.3, summary.text()
+    assert summary.promoted, summary.decision
+    assert current_aliases("demo") == {"champion": summary.candidate, "challenger": "1"}
+    assert "skipped the frontier" in summary.frontier or "no frontier" in summary.frontier
+
+
+def test_promoted_version_serves_the_endpoint_through_the_gateway(gateway_port):
+    import openai
+
+    from demo import data
+    from tasks import audit, store
+
+    key = store.create_key("alice", team="ml-platform", actor="test").raw
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=key, max_retries=0)
+    rows = data.routing_rows("eval")[:16]
+    right = 0
+    for row in rows:
+        r = client.chat.completions.create(model="demo", temperature=0, max_tokens=8, messages=[
+            {"role": "system", "content": data.ROUTING_SYSTEM_PROMPT}, {"role": "user", "content": row["message"]}])
+        right += (r.choices[0].message.content or "").strip() == row["queue"]
+    assert right >= 10, f"{right}/16 routed correctly after promotion"
+    assert audit.verify().ok
+    actions = [e.action for e in audit.entries()]
+    assert "promote" in actions and "endpoint.route" in actions
+
+
+def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
+    from datetime import UTC, datetime
+
+    from tasks.promotion import served_at
+
+    now = served_at("demo", datetime.now(UTC))
+    assert now.model_version and now.model_version.startswith("demo/")
+    assert now.promotion and now.promotion["action"] == "promote"
+    assert now.promotion["eval_runs"], "the promotion links the eval runs it was decided on"
+
+
+def _prefect(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], env=env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, **kw)
+
+
+def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
+    port = free_port()
+    env = dict(os.environ)
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LLMHOST_PROJECT_DIR": str(PROJECT_ROOT)})
+    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                               "127.0.0.1", "--port", str(port), "--analytics-off"], env=env,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert _prefect(["work-pool", "create", "llmhost", "--type", "process"], env).returncode == 0
+        out = _prefect(["--no-prompt", "deploy", "--all"], env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        deps = httpx.post(f"{api}/deployments/filter", json={}).json()
+        by_name = {d["name"]: d for d in deps}
+        assert {"lifecycle", "nightly-eval", "retrain-on-new-data"} <= set(by_name)
+        assert by_name["nightly-eval"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+        new_rows = tmp_path / "more.jsonl"
+        new_rows.write_text("\n".join(json.dumps({"messages": [
+            {"role": "user", "content": f"my parcel number {i} is late"},
+            {"role": "assistant", "content": "shipping"}]}) for i in range(4)) + "\n")
+        add = subprocess.run([sys.executable, "-m", "flows.cli", "data", "add", str(new_rows), "--dataset",
+                              "support"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        assert add.returncode == 0, add.stdout + add.stderr
+        retrain_id = by_name["retrain-on-new-data"]["id"]
+        run = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run is None:
+            runs = httpx.post(f"{api}/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [retrain_id]}}}).json()
+            run = runs[0] if runs else None
+            time.sleep(1)
+        assert run is not None, "the dataset event did not create a retrain flow run"
+        assert run["parameters"]["dataset_path"].endswith("support/train.jsonl")
+        worker = _prefect(["worker", "start", "--pool", "llmhost", "--run-once"], env, timeout=2400)
+        state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]["type"]
+        assert state == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
