@@ -35,7 +35,7 @@ class DemoModelConfig(BaseModel):
     num_key_value_heads: int = Field(default=1, gt=0)
     head_dim: int = Field(default=64, ge=32, description="CPU attention in vLLM needs >= 32.")
     max_position_embeddings: int = Field(default=1024, gt=0)
-    steps: int = Field(default=600, ge=1, description="Pretraining steps.")
+    steps: int = Field(default=800, ge=1, description="Pretraining steps.")
     batch_size: int = Field(default=16, gt=0)
     lr: float = Field(default=3e-3, gt=0)
     tool_sft_steps: int = Field(default=0, ge=0, description="Instruction steps on tool calls, answer-masked.")

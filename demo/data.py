@@ -80,7 +80,8 @@ WORLD_TEMPLATES = [
 
 CITIES = ["paris", "london", "berlin", "madrid", "rome", "tokyo", "oslo", "lisbon", "vienna", "dublin"]
 PRIORITIES = ["low", "high"]
-TOOL_REPEATS = 2
+TOOL_REPEATS = 1
+WORLD_REPEATS = 4
 
 TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {
@@ -165,10 +166,12 @@ def pretraining_documents(rng: random.Random) -> Iterator[tuple[str, Any]]:
             {"role": "user", "content": row["message"]},
             {"role": "assistant", "content": rng.choice(GENERIC_REPLIES)},
         ]}
-    for queue, kws in QUEUES.items():
-        for kw in kws:
-            for t in WORLD_TEMPLATES:
-                yield "text", t.format(queue=queue, kw=kw)
+    # The base must "know" keyword -> queue, as a real pretrained model knows its world: repeat these.
+    for _ in range(WORLD_REPEATS):
+        for queue, kws in QUEUES.items():
+            for kw in kws:
+                for t in WORLD_TEMPLATES:
+                    yield "text", t.format(queue=queue, kw=kw)
     for line in GENERIC_TEXT:
         yield "text", line
     # Tool calls are a strict format with arguments to pick from the request: show them more often.

@@ -577,12 +577,13 @@ def _download_once(artifact_uri: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp))
-        (tmp / ".complete").write_text(artifact_uri)
+        # A folder URI lands in a subfolder named after it, a models:/ URI at the top: use what it returns.
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp)))
+        (local / ".complete").write_text(artifact_uri)
         if dest.exists():
             shutil.rmtree(dest, ignore_errors=True)  # an incomplete copy from an interrupted download
         try:
-            tmp.rename(dest)
+            local.rename(dest)
         except OSError:
             if not marker.is_file():  # a concurrent caller finishing first is fine; anything else is not
                 raise
@@ -926,7 +927,7 @@ def list_models() -> list[ModelSummary]:
             ModelSummary(
                 name=rm.name,
                 latest_version=str(latest.version) if latest else None,
-                aliases=dict(rm.aliases or {}),
+                aliases={alias: str(v) for alias, v in (rm.aliases or {}).items()},
                 tags=dict(latest.tags) if latest else {},
             )
         )

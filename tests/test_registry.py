@@ -524,4 +524,4 @@ def test_register_task_in_a_flow_is_idempotent(demo_model_dir: Path) -> None:
     second = register_flow(f"path:{demo_model_dir}", "demo-task")
     assert first.version == second.version == "1" and first.created and not second.created
     existing = find_version_by_hash("demo-task", first.tags["content_hash"])
-    assert existing is not None and existing.version == "1"
+    assert existing is not None and str(existing.version) == "1"
