@@ -36,6 +36,8 @@ ui: env runtime
 	bash scripts/ui.sh
 
 test: env runtime
+	# Build the demo model once up front (skipped when its inputs are unchanged) so no test waits on it.
+	$(VENV)/bin/python -m demo.build >/dev/null
 	$(VENV)/bin/python -m pytest
 
 lint: env

@@ -8,7 +8,7 @@ the same AsyncOpenAI client under a semaphore, and only reads the stream. The ru
 `run_suite_async` as the CLI runs it: preflight, retries, progress bar, per-example records, scoring.
 Arms alternate (plain, runner, plain, runner, ...) so that drift in the shared machine's load hits both.
 MLflow logging (traces, table, assessments) happens after the timed phase; `--mlflow` times it too.
-Target: runner examples/s >= 0.9x plain.
+Target: runner examples/s >= 0.9x plain (median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -132,9 +132,16 @@ def main() -> int:
                 flush=True,
             )
         p, q = statistics.median(plain), statistics.median(runner)
+        # The two arms of a round ran back to back and saw about the same machine load; the median of those
+        # per-round ratios is the figure we judge on (this shared 2-core box swings 2x between rounds).
+        ratio = statistics.median(b / a for a, b in zip(plain, runner, strict=True))
+        pooled = sum(n / x for x in plain) / sum(n / x for x in runner)
         print(f"\nplain load  : {p:.2f} examples/s (median of {args.rounds})")
         print(f"eval runner : {q:.2f} examples/s (median; whole run_suite call incl. preflight and scoring)")
-        print(f"ratio runner/plain = {q / p:.3f} (target >= 0.90) -> {'PASS' if q / p >= 0.9 else 'FAIL'}")
+        print(
+            f"ratio runner/plain: median of per-round ratios {ratio:.3f}, pooled {pooled:.3f} "
+            f"(target >= 0.90) -> {'PASS' if ratio >= 0.9 else 'FAIL'}"
+        )
         print(
             f"client CPU per example: plain {1e3 * statistics.median(cpu_plain):.2f} ms, "
             f"runner {1e3 * statistics.median(cpu_runner):.2f} ms (the server shares these cores)"

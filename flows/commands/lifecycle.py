@@ -96,3 +96,32 @@ def register(app: typer.Typer) -> None:
         res = add_rows(file, dataset)
         typer.echo(f"{dataset}: +{res.added} rows ({res.rows} total), hash {res.hash[:12]}; "
                    f"event {res.event_id or 'not emitted'}")
+
+    audit_group = next((g.typer_instance for g in app.registered_groups if g.name == "audit"), None)
+    if audit_group is not None:
+
+        @audit_group.command("at")
+        def audit_at(
+            when: str = typer.Argument(..., help="ISO time, e.g. 2026-11-28T14:00:00Z, or 'now'."),
+            endpoint: str = typer.Option(..., "--endpoint", help="Endpoint name."),
+        ) -> None:
+            """What served ENDPOINT at WHEN, and on which eval evidence it was promoted."""
+            from datetime import UTC, datetime
+
+            from tasks.errors import ConfigError
+            from tasks.promotion import served_at
+
+            try:
+                at = datetime.now(UTC) if when == "now" else datetime.fromisoformat(when.replace("Z", "+00:00"))
+            except ValueError:
+                raise ConfigError("TIME", when, "use ISO 8601, e.g. 2026-11-28T14:00:00Z") from None
+            s = served_at(endpoint, at)
+            if s.revision is None:
+                typer.echo(f"{endpoint}: nothing was routed at {at.isoformat()}")
+                raise typer.Exit(1)
+            typer.echo(f"{endpoint} at {at.isoformat()}: revision {s.revision}, model {s.model_version} "
+                       f"(routed {s.routed_at} by {s.routed_by})")
+            if s.promotion:
+                p = s.promotion
+                typer.echo(f"promoted by {p['actor']} at {p['ts']} ({p['action']}); eval runs: "
+                           f"{', '.join(p.get('eval_runs') or []) or 'none recorded'}")
