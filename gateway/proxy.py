@@ -38,13 +38,14 @@ from gateway.protocol import (
     usage_of,
 )
 from gateway.routing import ReplicaPool, probe_all
+from gateway.upstream import ConnectFailed, Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout
 from tasks import store
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger("llmhost.gateway")
 
 _JSON = "application/json"
-_UPSTREAM_HEADERS = {"content-type": _JSON, "accept": "*/*"}
+_UPSTREAM_HEADERS = {"content-type": _JSON}
 
 
 def error_response(exc: ApiError) -> Response:
@@ -63,7 +64,7 @@ class Gateway:
         self.metrics = Metrics()
         self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s)
         self.client: httpx.AsyncClient | None = None
-        self.transport: httpx.AsyncHTTPTransport
+        self.upstream: Upstream
         self.epoch = -1
         self.routes: dict[str, store.EndpointRoute] = {}
         self.epoch_poll_s = epoch_poll_s
@@ -78,11 +79,8 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=256, keepalive_expiry=60)
-        # Proxied requests go straight to httpx's pooled transport: the client layers above it (auth,
-        # redirects, cookies, event hooks) have nothing to do here and cost CPU on every request.
-        self.transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        self._timeout_ext = self.timeout.as_dict()
+        s = self.settings
+        self.upstream = Upstream(connect_timeout_s=s.connect_timeout_s, read_timeout_s=s.read_timeout_s)
         self.client = httpx.AsyncClient(timeout=self.timeout, trust_env=False)  # health probes
         if self.engine.dialect.name == "sqlite":
             # A local file read of one row costs microseconds: check it on every request so revocations apply
@@ -104,7 +102,7 @@ class Gateway:
         await self.meter.close()
         if self.client is not None:
             await self.client.aclose()
-            await self.transport.aclose()
+            await self.upstream.close()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -280,15 +278,17 @@ class Gateway:
         headers = {"x-llmhost-endpoint": route.name, "x-llmhost-revision": (route.revision_hash or "")[:12],
                    "x-llmhost-replica": replica.name}
         if stream and resp.status_code == 200:
-            headers["content-type"] = resp.headers.get("content-type", "text/event-stream; charset=utf-8")
+            headers["content-type"] = resp.content_type or "text/event-stream; charset=utf-8"
             return StreamPassthrough(self, resp, replica, row, t0, client_wants_usage, headers)
         # Non-streamed answers, and upstream errors of streamed requests, pass through whole and unchanged.
+        complete = False
         try:
-            data = await resp.aread()
-        except httpx.HTTPError as exc:
+            data = await resp.read()
+            complete = True
+        except (UpstreamTimeout, UpstreamFailed) as exc:
             raise self._mid_request_error(route.name, replica, exc) from None
         finally:
-            await resp.aclose()
+            resp.close(complete=complete)
             self.pool.release(replica.id)
         prompt = completion = None
         if resp.status_code == 200:
@@ -296,11 +296,11 @@ class Gateway:
                 prompt, completion = usage_of(orjson.loads(data))
         latency_ms = (time.perf_counter() - t0) * 1000.0
         self._finish(row, t0, resp.status_code, prompt, completion, latency_ms)
-        headers["content-type"] = resp.headers.get("content-type", _JSON)
+        headers["content-type"] = resp.content_type or _JSON
         return Response(data, status_code=resp.status_code, headers=headers)
 
-    async def _send(self, route: store.EndpointRoute, path: str, body: bytes) -> tuple[store.ReplicaRoute,
-                                                                                       httpx.Response]:
+    async def _send(self, route: store.EndpointRoute, path: str,
+                    body: bytes) -> tuple[store.ReplicaRoute, UpstreamResponse]:
         """Send to the least-loaded healthy replica; on connect failure (nothing sent) try the next one."""
         assert self.client is not None
         tried: list[int] = []
@@ -314,23 +314,21 @@ class Gateway:
                                "the replica logs.", type="server_error", code="no_healthy_replica",
                                headers={"retry-after": self.retry_after})
             self.pool.acquire(replica.id)
-            req = httpx.Request("POST", replica.base_url + path, content=body, headers=_UPSTREAM_HEADERS,
-                                extensions={"timeout": self._timeout_ext})
             try:
-                return replica, await self.transport.handle_async_request(req)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                return replica, await self.upstream.post(replica.base_url + path, body, _UPSTREAM_HEADERS)
+            except ConnectFailed as exc:
                 self.pool.release(replica.id)
                 last_err = f"{type(exc).__name__} to {replica.name}"
                 if self.pool.mark(replica.id, False, str(exc)):
                     log.warning("replica %s (%s) is down: %s", replica.name, replica.base_url, exc)
                     self._on_health(replica, False, str(exc))
                 tried.append(replica.id)
-            except httpx.HTTPError as exc:
+            except (UpstreamTimeout, UpstreamFailed) as exc:
                 self.pool.release(replica.id)
                 raise self._mid_request_error(route.name, replica, exc) from None
 
     def _mid_request_error(self, endpoint: str, replica: store.ReplicaRoute, exc: Exception) -> ApiError:
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, UpstreamTimeout):
             what = (f"did not answer within {self.settings.read_timeout_s:g}s (LLMHOST_READ_TIMEOUT_S); "
                     "retry with a smaller max_tokens, or ask the operator to raise the timeout")
         else:
@@ -354,7 +352,7 @@ class StreamPassthrough(Response):
     Owns the upstream response: it is closed (aborting generation upstream) when the client goes away.
     """
 
-    def __init__(self, gw: Gateway, upstream: httpx.Response, replica: store.ReplicaRoute,
+    def __init__(self, gw: Gateway, upstream: UpstreamResponse, replica: store.ReplicaRoute,
                  row: dict[str, Any], t0: float, client_wants_usage: bool, headers: dict[str, str]):
         # No super().__init__: it would set a body and so a Content-Length of 0.
         self.status_code, self.background = 200, None
@@ -365,11 +363,12 @@ class StreamPassthrough(Response):
         self.completion: int | None = None
         self.ttft_ms: float | None = None
         self.status = 200
+        self.complete = False
 
     async def _events(self) -> AsyncIterator[bytes]:
         buf = b""
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.upstream.chunks():
                 if self.ttft_ms is None:
                     self.ttft_ms = (time.perf_counter() - self.t0) * 1000.0
                 buf += chunk
@@ -396,7 +395,7 @@ class StreamPassthrough(Response):
                     yield b"".join(out)
             if buf:
                 yield buf
-        except httpx.HTTPError as exc:
+        except (UpstreamTimeout, UpstreamFailed) as exc:
             self.status = 502
             err = self.gw._mid_request_error(self.row.get("endpoint") or "?", self.replica, exc)
             yield sse_error(err.message)
@@ -418,12 +417,11 @@ class StreamPassthrough(Response):
                 tg.start_soon(watch_disconnect)
                 async for piece in self._events():
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
-                done = True
+                done = self.complete = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+            self.upstream.close(complete=self.complete)
             self.gw.pool.release(self.replica.id)
             self.gw._finish(self.row, self.t0, self.status, self.prompt, self.completion, None, self.ttft_ms)
 

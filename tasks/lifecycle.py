@@ -40,9 +40,13 @@ def resolve_source(source: str) -> str:
     """'demo' -> the built demo model's path: SOURCE (built if missing); anything else as given."""
     if source != "demo":
         return source
+    import os
+
     from demo.build import build_demo_model, default_demo_dir
 
-    return f"path:{build_demo_model(default_demo_dir()).model_dir}"
+    # LLMHOST_DEMO_CACHE lets tests and CI share one build across state dirs.
+    where = Path(os.environ["LLMHOST_DEMO_CACHE"]) if os.environ.get("LLMHOST_DEMO_CACHE") else default_demo_dir()
+    return f"path:{build_demo_model(where).model_dir}"
 
 
 def source_digest(source: str) -> str:

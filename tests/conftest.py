@@ -21,6 +21,7 @@ os.environ.setdefault("LLMHOST_RAISE_ERRORS", "")
 
 # The demo model is built once per machine and reused: the build is keyed on its inputs' hash.
 DEMO_CACHE = Path(os.environ.get("LLMHOST_DEMO_CACHE", PROJECT_ROOT / ".llmhost" / "demo"))
+os.environ["LLMHOST_DEMO_CACHE"] = str(DEMO_CACHE)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -253,6 +253,24 @@ def test_registered_adapter_reloads_with_identical_logits(finetuned, demo_model_
     assert float((a - c).abs().max()) > 1e-3  # and the adapter does change the model
 
 
+@pytest.mark.slow
+def test_cli_runs_the_retrain_flow_from_a_yaml_config(base_version, demo_data_dir: Path, tmp_path: Path):
+    """`llmhost finetune --config X.yaml` runs the Prefect flow with the config as its typed parameter."""
+    from flows.cli import main
+
+    cfg = small_config(demo_data_dir, f"models:/{MODEL_NAME}/{base_version.version}", seed=7)
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["finetune", "--config", str(path), "--max-steps", "4", "--json"]) == 0
+    from tasks.tracking import mlflow_client
+
+    client = mlflow_client()
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}' and tags.adapter = 'true'")
+    runs = {v.tags["training_run_id"] for v in versions}
+    steps = [int(client.get_run(r).data.params["max_steps"]) for r in runs]
+    assert 4 in steps
+
+
 # ---------------------------------------------------------------------------------------------- serving
 
 
@@ -356,7 +374,8 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
     store.attach_server("ft-ep", base_url=lora_server.base_url, served_model="demo-lora", actor="test")
     store.grant("ft-ep", team="ft-team", actor="test")
     key = store.create_key("ft-user", team="ft-team", actor="test").raw
-    assert main(["adapters", "load", "ft-ep", res.registered_version]) == 0
+    # An attached server has no registered model version, so name the adapter as NAME/VERSION.
+    assert main(["adapters", "load", "ft-ep", f"{MODEL_NAME}/{res.registered_version}"]) == 0
     name = f"{MODEL_NAME}-v{res.registered_version}"
     entry = audit.entries(endpoint="ft-ep", action="adapter.load")[-1]
     assert json.loads(entry.after)["method"] == "runtime"
@@ -375,7 +394,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
         direct = openai.OpenAI(base_url=lora_server.base_url, api_key="unused", max_retries=0, timeout=60)
         assert _answers(gw, f"ft-ep:{name}") == _answers(direct, name)
         assert _answers(gw, "ft-ep") == _answers(direct, "demo-lora")
-        assert main(["adapters", "unload", "ft-ep", res.registered_version]) == 0
+        assert main(["adapters", "unload", "ft-ep", f"{MODEL_NAME}/{res.registered_version}"]) == 0
         deadline = time.monotonic() + 15
         while True:  # the gateway reloads routes when the store's epoch moves
             try:

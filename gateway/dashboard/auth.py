@@ -94,8 +94,16 @@ def key_by_prefix(prefix: str, *, engine: Engine) -> store.KeyInfo | None:
             return None
         user = s.get(store.User, row.user_id)
         team = s.get(store.Team, row.team_id) if row.team_id else None
-        return store.KeyInfo(row.id, row.prefix, user.name if user else "?", team.name if team else None,
-                             row.expires_at, row.revoked_at, row.created_at, row.description)
+        return store.KeyInfo(
+            row.id,
+            row.prefix,
+            user.name if user else "?",
+            team.name if team else None,
+            row.expires_at,
+            row.revoked_at,
+            row.created_at,
+            row.description,
+        )
 
 
 # ------------------------------------------------------------------------------------------ admins
@@ -122,8 +130,9 @@ def set_admin(user: str, admin: bool = True, *, actor: str = "system", engine: E
             s.add(DashboardAdmin(user=user, granted_by=actor))
         else:
             s.delete(row)
-        audit.record(actor, "user.admin", f"user:{user}", {"admin": not admin}, {"admin": admin}, session=s,
-                     user=user)
+        audit.record(
+            actor, "user.admin", f"user:{user}", {"admin": not admin}, {"admin": admin}, session=s, user=user
+        )
         return True
 
 

@@ -24,7 +24,7 @@ from tasks.store import UsageRecord
 
 WINDOWS: dict[str, tuple[timedelta, timedelta]] = {
     # window -> (length, bucket width)
-    "1h": (timedelta(hours=1), timedelta(minutes=2)),
+    "1h": (timedelta(hours=1), timedelta(minutes=1)),
     "24h": (timedelta(hours=24), timedelta(hours=1)),
     "7d": (timedelta(days=7), timedelta(hours=6)),
 }
@@ -67,8 +67,11 @@ class Buckets:
         return i if 0 <= i < self.n else None
 
     def labels(self) -> list[str]:
-        fmt = "%H:%M" if self.width < timedelta(hours=1) else (
-            "%d %b %H:%M" if self.width >= timedelta(hours=6) else "%H:00")
+        fmt = (
+            "%H:%M"
+            if self.width < timedelta(hours=1)
+            else ("%d %b %H:%M" if self.width >= timedelta(hours=6) else "%H:00")
+        )
         return [(self.start + i * self.width).strftime(fmt) for i in range(self.n)]
 
 
@@ -95,13 +98,17 @@ def counts_since(engine: Engine, since: datetime) -> dict[str, tuple[int, int]]:
     """endpoint -> (requests, errors) since `since`."""
     with store.session_scope(engine) as s:
         err = func.sum(case((UsageRecord.status_code >= 400, 1), else_=0))
-        q = (select(UsageRecord.endpoint, func.count(), err).where(UsageRecord.ts >= since)
-             .group_by(UsageRecord.endpoint))
+        q = (
+            select(UsageRecord.endpoint, func.count(), err)
+            .where(UsageRecord.ts >= since)
+            .group_by(UsageRecord.endpoint)
+        )
         return {ep: (int(n), int(e or 0)) for ep, n, e in s.execute(q) if ep}
 
 
-def endpoint_rows(engine: Engine, visible: set[str] | None,
-                  aliases: dict[str, str] | None = None) -> list[EndpointRow]:
+def endpoint_rows(
+    engine: Engine, visible: set[str] | None, aliases: dict[str, str] | None = None
+) -> list[EndpointRow]:
     """One row per endpoint the viewer may see (`visible` None = all)."""
     counts = counts_since(engine, store.utcnow() - timedelta(hours=1))
     out = []
@@ -111,9 +118,22 @@ def endpoint_rows(engine: Engine, visible: set[str] | None,
         n, e = counts.get(v.name, (0, 0))
         up = sum(1 for r in v.replicas if r.state == "up")
         live = [r for r in v.replicas if r.state not in ("stopped", "failed")]
-        out.append(EndpointRow(v.name, v.status, v.owner, v.description, v.live_revision, v.served_model_name,
-                               v.model_version, (aliases or {}).get(v.model_version or ""), up, len(live),
-                               n, e))
+        out.append(
+            EndpointRow(
+                v.name,
+                v.status,
+                v.owner,
+                v.description,
+                v.live_revision,
+                v.served_model_name,
+                v.model_version,
+                (aliases or {}).get(v.model_version or ""),
+                up,
+                len(live),
+                n,
+                e,
+            )
+        )
     return out
 
 
@@ -212,23 +232,54 @@ def overview(engine: Engine, name: str) -> Overview:
     for rev in reversed(store.list_revisions(name, engine=engine)):
         text, args, runtime, tools = render_spec(rev.spec or {})
         by, at = went_live.get(rev.content_hash[:12], (None, None))
-        revisions.append(RevisionRow(
-            rev.id, rev.content_hash[:12], rev.status, rev.id == e.live_revision_id, rev.model_version,
-            rev.served_model_name, rev.created_by, rev.created_at, rev.reason, by, _short_ts(at), text, args,
-            runtime, tools))
+        revisions.append(
+            RevisionRow(
+                rev.id,
+                rev.content_hash[:12],
+                rev.status,
+                rev.id == e.live_revision_id,
+                rev.model_version,
+                rev.served_model_name,
+                rev.created_by,
+                rev.created_at,
+                rev.reason,
+                by,
+                _short_ts(at),
+                text,
+                args,
+                runtime,
+                tools,
+            )
+        )
     smoke = []
     for a in reversed(entries):
         if a.action != "deploy.smoke":
             continue
         after = _loads(a.after) or {}
         links = _loads(a.links) or {}
-        smoke.append(SmokeRun(_short_ts(a.ts) or a.ts, a.actor, links.get("revision"),
-                              bool(after.get("passed")), list(after.get("replicas") or [])))
-    events = [{"ts": _short_ts(a.ts), "actor": a.actor, "action": a.action, "subject": a.subject,
-               "revision": (_loads(a.links) or {}).get("revision")} for a in reversed(entries[-30:])]
+        smoke.append(
+            SmokeRun(
+                _short_ts(a.ts) or a.ts,
+                a.actor,
+                links.get("revision"),
+                bool(after.get("passed")),
+                list(after.get("replicas") or []),
+            )
+        )
+    events = [
+        {
+            "ts": _short_ts(a.ts),
+            "actor": a.actor,
+            "action": a.action,
+            "subject": a.subject,
+            "revision": (_loads(a.links) or {}).get("revision"),
+        }
+        for a in reversed(entries[-30:])
+    ]
     live = next((r for r in revisions if r.live), None)
-    return Overview(e.name, e.status, e.owner, e.description, e.usage_notes, live, revisions, smoke[:10],
-                    events)
+    return Overview(
+        e.name, e.status, e.owner, e.description, e.usage_notes, live, revisions, smoke[:10], events
+    )
 
 
 def _short_ts(iso: str | None) -> str | None:
@@ -264,8 +315,18 @@ def _rows(engine: Engine, endpoint: str, since: datetime, *cols: Any) -> list[An
 
 def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = None) -> UsageView:
     b = Buckets.for_window(window, now)
-    rows = _rows(engine, endpoint, b.start, UsageRecord.ts, UsageRecord.status_code, UsageRecord.prompt_tokens,
-                 UsageRecord.completion_tokens, UsageRecord.key_prefix, UsageRecord.user, UsageRecord.team)
+    rows = _rows(
+        engine,
+        endpoint,
+        b.start,
+        UsageRecord.ts,
+        UsageRecord.status_code,
+        UsageRecord.prompt_tokens,
+        UsageRecord.completion_tokens,
+        UsageRecord.key_prefix,
+        UsageRecord.user,
+        UsageRecord.team,
+    )
     req, err, pin, pout = ([0] * b.n for _ in range(4))
     keys: dict[str, dict[str, Any]] = {}
     users: dict[str, dict[str, Any]] = {}
@@ -280,10 +341,14 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
         pin[i] += p or 0
         pout[i] += c or 0
         codes[code] += 1
-        for table, k, extra in ((keys, prefix or "(none)", {"user": user, "team": team}),
-                                (users, user or "(none)", {"team": team})):
-            agg = table.setdefault(k, {"name": k, **extra, "requests": 0, "errors": 0, "prompt_tokens": 0,
-                                       "completion_tokens": 0})
+        for table, k, extra in (
+            (keys, prefix or "(none)", {"user": user, "team": team}),
+            (users, user or "(none)", {"team": team}),
+        ):
+            agg = table.setdefault(
+                k,
+                {"name": k, **extra, "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0},
+            )
             agg["requests"] += 1
             agg["errors"] += is_err
             agg["prompt_tokens"] += p or 0
@@ -292,10 +357,23 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
     def top(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return sorted(table.values(), key=lambda a: (-a["requests"], a["name"]))[:10]
 
-    return UsageView(window, sum(req), sum(err), sum(pin), sum(pout),
-                     {"labels": b.labels(), "requests": req, "errors": err, "prompt_tokens": pin,
-                      "completion_tokens": pout},
-                     top(keys), top(users), dict(sorted(codes.items())))
+    return UsageView(
+        window,
+        sum(req),
+        sum(err),
+        sum(pin),
+        sum(pout),
+        {
+            "labels": b.labels(),
+            "requests": req,
+            "errors": err,
+            "prompt_tokens": pin,
+            "completion_tokens": pout,
+        },
+        top(keys),
+        top(users),
+        dict(sorted(codes.items())),
+    )
 
 
 # ------------------------------------------------------------------------------------------ health
@@ -358,8 +436,15 @@ HW_LABELS = {
 def health(engine: Engine, endpoint: str, window: str, now: datetime | None = None) -> HealthView:
     ensure_tables(engine)
     b = Buckets.for_window(window, now)
-    rows = _rows(engine, endpoint, b.start, UsageRecord.ts, UsageRecord.latency_ms, UsageRecord.ttft_ms,
-                 UsageRecord.status_code)
+    rows = _rows(
+        engine,
+        endpoint,
+        b.start,
+        UsageRecord.ts,
+        UsageRecord.latency_ms,
+        UsageRecord.ttft_ms,
+        UsageRecord.status_code,
+    )
     lat: list[list[float]] = [[] for _ in range(b.n)]
     ttft: list[list[float]] = [[] for _ in range(b.n)]
     all_lat: list[float] = []
@@ -381,9 +466,13 @@ def health(engine: Engine, endpoint: str, window: str, now: datetime | None = No
     }
 
     with store.session_scope(engine) as s:
-        samples = list(s.execute(
-            select(ReplicaSample).where(ReplicaSample.endpoint == endpoint, ReplicaSample.ts >= b.start)
-            .order_by(ReplicaSample.ts)).scalars())
+        samples = list(
+            s.execute(
+                select(ReplicaSample)
+                .where(ReplicaSample.endpoint == endpoint, ReplicaSample.ts >= b.start)
+                .order_by(ReplicaSample.ts)
+            ).scalars()
+        )
     metrics_series = _sample_series(samples, b)
     kinds = [x.hw_kind for x in samples if x.hw_kind]
     hw_kind = kinds[-1] if kinds else None
@@ -394,21 +483,64 @@ def health(engine: Engine, endpoint: str, window: str, now: datetime | None = No
     replicas = []
     for r in store.list_replicas(endpoint, engine=engine):
         smp = last.get(r.id)
-        replicas.append(ReplicaHealth(
-            r.id, r.name, r.state, r.base_url, r.target, r.pid, r.kv_cache_tokens, r.log_path,
-            tail_lines(r.log_path),
-            {c: getattr(smp, c) for c in ("ts", "ok", "error", "running", "waiting", "kv_cache_usage",
-                                          "cpu_percent", "rss_bytes", "gpu_util", "gpu_mem_used_bytes",
-                                          "gpu_mem_total_bytes", "hw_kind")} if smp else None))
-    return HealthView(window, percentile(all_lat, 50), percentile(all_lat, 95), percentile(all_ttft, 50),
-                      percentile(all_ttft, 95), latency_series, metrics_series, hw_kind, HW_LABELS[hw_kind],
-                      replicas, len(samples))
+        replicas.append(
+            ReplicaHealth(
+                r.id,
+                r.name,
+                r.state,
+                r.base_url,
+                r.target,
+                r.pid,
+                r.kv_cache_tokens,
+                r.log_path,
+                tail_lines(r.log_path),
+                {
+                    c: getattr(smp, c)
+                    for c in (
+                        "ts",
+                        "ok",
+                        "error",
+                        "running",
+                        "waiting",
+                        "kv_cache_usage",
+                        "cpu_percent",
+                        "rss_bytes",
+                        "gpu_util",
+                        "gpu_mem_used_bytes",
+                        "gpu_mem_total_bytes",
+                        "hw_kind",
+                    )
+                }
+                if smp
+                else None,
+            )
+        )
+    return HealthView(
+        window,
+        percentile(all_lat, 50),
+        percentile(all_lat, 95),
+        percentile(all_ttft, 50),
+        percentile(all_ttft, 95),
+        latency_series,
+        metrics_series,
+        hw_kind,
+        HW_LABELS[hw_kind],
+        replicas,
+        len(samples),
+    )
 
 
 def _sample_series(samples: list[ReplicaSample], b: Buckets) -> dict[str, Any]:
     """Per bucket: the mean over samples (summed over replicas within one round) of each sampled column."""
-    cols = ("running", "waiting", "kv_cache_usage", "cpu_percent", "rss_bytes", "gpu_util",
-            "gpu_mem_used_bytes")
+    cols = (
+        "running",
+        "waiting",
+        "kv_cache_usage",
+        "cpu_percent",
+        "rss_bytes",
+        "gpu_util",
+        "gpu_mem_used_bytes",
+    )
     # Group by round (same ts) first so two replicas add up for counts, then average rounds per bucket.
     rounds: dict[datetime, dict[str, list[float]]] = {}
     for x in samples:
@@ -432,7 +564,9 @@ def _sample_series(samples: list[ReplicaSample], b: Buckets) -> dict[str, Any]:
         out[c] = [sum(v) / len(v) if v else None for v in acc[c]]
     out["kv_cache_usage"] = [None if v is None else round(v * 100.0, 2) for v in out["kv_cache_usage"]]
     out["rss_bytes"] = [None if v is None else round(v / 2**20, 1) for v in out["rss_bytes"]]
-    out["gpu_mem_used_bytes"] = [None if v is None else round(v / 2**30, 2) for v in out["gpu_mem_used_bytes"]]
+    out["gpu_mem_used_bytes"] = [
+        None if v is None else round(v / 2**30, 2) for v in out["gpu_mem_used_bytes"]
+    ]
     return out
 
 

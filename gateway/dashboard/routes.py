@@ -1,4 +1,4 @@
-"""The dashboard's HTTP routes under /ui, rendered on the server with Jinja2; `mount()` adds them to the app."""
+"""The dashboard's routes under /ui, rendered on the server with Jinja2; `mount()` adds them to the app."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ HERE = Path(__file__).parent
 TABS = (("overview", "Overview"), ("calling", "Calling"), ("usage", "Usage"), ("health", "System Health"))
 # Everything comes from this origin: no CDN, no inline script.
 _HEADERS = {
-    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "content-security-policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
     "x-content-type-options": "nosniff",
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
@@ -93,8 +95,11 @@ class Dashboard:
         if viewer.admin:
             return None
         _, routes = store.load_routes(engine=self.engine)
-        return {n for n, r in routes.items()
-                if viewer.user in r.users or (viewer.team is not None and viewer.team in r.teams)}
+        return {
+            n
+            for n, r in routes.items()
+            if viewer.user in r.users or (viewer.team is not None and viewer.team in r.teams)
+        }
 
     def aliases(self, versions: set[str]) -> dict[str, str]:
         """MLflow aliases of model versions, cached for a minute (the registry is read in this thread)."""
@@ -106,8 +111,9 @@ class Dashboard:
                 self._aliases[v] = (now, got.get(v, ""))
         return {v: self._aliases[v][1] for v in versions if self._aliases[v][1]}
 
-    async def endpoint_page(self, request: Request, tab: str, build: Callable[[Viewer, str], dict[str, Any]]
-                            ) -> Response:
+    async def endpoint_page(
+        self, request: Request, tab: str, build: Callable[[Viewer, str], dict[str, Any]]
+    ) -> Response:
         viewer = await self.viewer(request)
         if viewer is None:
             return self.to_login(request)
@@ -128,8 +134,11 @@ class Dashboard:
     # -- pages -------------------------------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
-        return self.render(request, "login.html", {"viewer": None, "next": _safe_next(
-            request.query_params.get("next")), "error": None})
+        return self.render(
+            request,
+            "login.html",
+            {"viewer": None, "next": _safe_next(request.query_params.get("next")), "error": None},
+        )
 
     async def login(self, request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
@@ -138,13 +147,25 @@ class Dashboard:
         try:
             viewer, cookie = await self.run(lambda: self.sessions.login(raw))
         except AccessError as exc:
-            return self.render(request, "login.html", {"viewer": None, "next": nxt, "error": str(exc)},
-                               status=401)
-        log.info("dashboard sign-in: key %s… (user %s%s)", viewer.prefix, viewer.user,
-                 ", admin" if viewer.admin else "")
+            return self.render(
+                request, "login.html", {"viewer": None, "next": nxt, "error": str(exc)}, status=401
+            )
+        log.info(
+            "dashboard sign-in: key %s… (user %s%s)",
+            viewer.prefix,
+            viewer.user,
+            ", admin" if viewer.admin else "",
+        )
         resp = RedirectResponse(nxt, status_code=303)
-        resp.set_cookie(COOKIE, cookie, max_age=SESSION_MAX_AGE_S, path="/ui", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+        resp.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=SESSION_MAX_AGE_S,
+            path="/ui",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return resp
 
     async def logout(self, request: Request) -> Response:
@@ -185,8 +206,15 @@ class Dashboard:
             _, routes = store.load_routes(engine=self.engine)
             route = routes.get(name)
             adapters = sorted(route.adapters) if route else []
-            return {"endpoint": e, "base_url": base_url, "model": name, "adapters": adapters,
-                    "snippets": snippets(base_url, name), "key_env": KEY_ENV, "key_prefix": viewer.prefix}
+            return {
+                "endpoint": e,
+                "base_url": base_url,
+                "model": name,
+                "adapters": adapters,
+                "snippets": snippets(base_url, name),
+                "key_env": KEY_ENV,
+                "key_prefix": viewer.prefix,
+            }
 
         return await self.endpoint_page(request, "calling", build)
 
@@ -194,7 +222,11 @@ class Dashboard:
         window = data.window_of(request.query_params.get("window"))
 
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
-            return {"u": data.usage(self.engine, name, window), "window": window, "windows": list(data.WINDOWS)}
+            return {
+                "u": data.usage(self.engine, name, window),
+                "window": window,
+                "windows": list(data.WINDOWS),
+            }
 
         return await self.endpoint_page(request, "usage", build)
 
@@ -202,8 +234,12 @@ class Dashboard:
         window = data.window_of(request.query_params.get("window"))
 
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
-            return {"h": data.health(self.engine, name, window), "window": window, "windows": list(data.WINDOWS),
-                    "interval": self.sampler.interval_s if self.sampler else None}
+            return {
+                "h": data.health(self.engine, name, window),
+                "window": window,
+                "windows": list(data.WINDOWS),
+                "interval": self.sampler.interval_s if self.sampler else None,
+            }
 
         return await self.endpoint_page(request, "health", build)
 
@@ -218,16 +254,29 @@ class Dashboard:
         except AccessError as exc:
             return JSONResponse({"error": str(exc)}, status_code=401)
         if not viewer.admin:
-            return JSONResponse({"error": f"user {viewer.user!r} is not a dashboard admin: "
-                                 f"`llmhost dashboard admin {viewer.user}`"}, status_code=403)
+            return JSONResponse(
+                {
+                    "error": f"user {viewer.user!r} is not a dashboard admin: "
+                    f"`llmhost dashboard admin {viewer.user}`"
+                },
+                status_code=403,
+            )
         _, routes = await self.run(lambda: store.load_routes(engine=self.engine))
         groups = []
         for name, route in sorted(routes.items()):
             for r in route.replicas:
                 parts = urlsplit(r.base_url)
-                groups.append({"targets": [parts.netloc], "labels": {
-                    "__scheme__": parts.scheme, "endpoint": name, "replica": r.name,
-                    "revision": (route.revision_hash or "")[:12]}})
+                groups.append(
+                    {
+                        "targets": [parts.netloc],
+                        "labels": {
+                            "__scheme__": parts.scheme,
+                            "endpoint": name,
+                            "replica": r.name,
+                            "revision": (route.revision_hash or "")[:12],
+                        },
+                    }
+                )
         return JSONResponse(groups)
 
 
@@ -238,12 +287,27 @@ def _safe_next(nxt: str | None) -> str:
     return "/ui"
 
 
-def mount(app: FastAPI, gateway: Any = None, *, engine: Any = None, sample_interval_s: float = 15.0,
-          sampler: bool = True) -> Dashboard:
+def mount(
+    app: FastAPI,
+    gateway: Any = None,
+    *,
+    engine: Any = None,
+    sample_interval_s: float = 15.0,
+    sampler: bool = True,
+) -> Dashboard:
     """Add the dashboard (/ui, its static files, `/` -> /ui) and its sampling loop to the gateway's app.
 
-    `gateway` is the app's Gateway (its store engine is used); call before the app starts serving.
+    `gateway` is the app's Gateway (its store engine is used); call before the app starts serving. Mounting
+    twice returns the first dashboard.
     """
+    if not isinstance(app, FastAPI) and isinstance(getattr(app, "app", None), FastAPI):  # a GatewayApp
+        gateway = gateway if gateway is not None else app.gateway  # type: ignore[attr-defined]
+        app = app.app  # type: ignore[attr-defined]
+    existing = getattr(app.state, "dashboard", None)
+    if isinstance(existing, Dashboard):  # mounted already (create_app does it): only retune the sampler
+        if existing.sampler is not None:
+            existing.sampler.interval_s = sample_interval_s
+        return existing
     engine = engine if engine is not None else gateway.engine
     dash = Dashboard(engine, sample_interval_s=sample_interval_s, sampler=sampler)
 
@@ -251,7 +315,9 @@ def mount(app: FastAPI, gateway: Any = None, *, engine: Any = None, sample_inter
         return RedirectResponse("/ui", status_code=307)
 
     async def to_overview(request: Request) -> Response:
-        return RedirectResponse(f"/ui/endpoints/{quote(request.path_params['name'])}/overview", status_code=307)
+        return RedirectResponse(
+            f"/ui/endpoints/{quote(request.path_params['name'])}/overview", status_code=307
+        )
 
     app.add_route("/", root, methods=["GET"])
     app.add_route("/ui", dash.index, methods=["GET"])

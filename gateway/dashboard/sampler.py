@@ -83,9 +83,16 @@ def nvml_devices() -> list[dict[str, Any]] | None:
             except Exception:
                 pids = set()
             name = pynvml.nvmlDeviceGetName(h)
-            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                        "util": float(util.gpu), "mem_used": float(mem.used), "mem_total": float(mem.total),
-                        "pids": pids})
+            out.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "util": float(util.gpu),
+                    "mem_used": float(mem.used),
+                    "mem_total": float(mem.total),
+                    "pids": pids,
+                }
+            )
         return out
     except Exception as exc:
         log.debug("NVML query failed: %s", exc)
@@ -161,8 +168,9 @@ class HardwareProbe:
             out["cpu_percent"] = max(0.0, 100.0 * (cpu_s - prev.cpu_s) / (now - prev.wall) / cores)
         return out
 
-    def measure(self, replica_id: int, pid: int | None, base_url: str,
-                gpus: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def measure(
+        self, replica_id: int, pid: int | None, base_url: str, gpus: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
         local_pid = self.pid_of(replica_id, pid, base_url)
         tree: set[int] = set()
         if local_pid:
@@ -176,9 +184,12 @@ class HardwareProbe:
             # Without a known pid (a remote replica) the host's GPUs say nothing about it.
             if mine or (local_pid and not any(g["pids"] for g in gpus)):
                 used = mine or gpus
-                return {"hw_kind": "gpu", "gpu_util": sum(g["util"] for g in used) / len(used),
-                        "gpu_mem_used_bytes": sum(g["mem_used"] for g in used),
-                        "gpu_mem_total_bytes": sum(g["mem_total"] for g in used)}
+                return {
+                    "hw_kind": "gpu",
+                    "gpu_util": sum(g["util"] for g in used) / len(used),
+                    "gpu_mem_used_bytes": sum(g["mem_used"] for g in used),
+                    "gpu_mem_total_bytes": sum(g["mem_total"] for g in used),
+                }
         if local_pid:
             return {"hw_kind": "cpu", **self.cpu(replica_id, local_pid)}
         return {}
@@ -249,8 +260,18 @@ class Sampler:
             rows = []
             for (endpoint, r), (values, err) in zip(reps, scraped, strict=True):
                 hw = self.hw.measure(r.id, pids.get(r.id), r.base_url, gpus)
-                rows.append({"ts": now, "endpoint": endpoint, "replica_id": r.id, "replica": r.name,
-                             "ok": 0 if err else 1, "error": err, **values, **hw})
+                rows.append(
+                    {
+                        "ts": now,
+                        "endpoint": endpoint,
+                        "replica_id": r.id,
+                        "replica": r.name,
+                        "ok": 0 if err else 1,
+                        "error": err,
+                        **values,
+                        **hw,
+                    }
+                )
             with store.session_scope(self.engine) as s:
                 s.execute(insert(ReplicaSample), rows)
                 if time.monotonic() - self._last_prune > 3600:

@@ -13,8 +13,7 @@ KEY_ENV = "LLMHOST_API_KEY"
 def snippets(base_url: str, model: str, *, example: str = "Hello!") -> dict[str, str]:
     """{'python', 'curl', 'javascript'} for calling `model` at `base_url` (which ends in /v1)."""
     msg = json.dumps(example)
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": example}],
-                       "max_tokens": 64})
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": example}], "max_tokens": 64})
     python = f'''import os
 from openai import OpenAI
 

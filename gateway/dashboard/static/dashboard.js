@@ -18,7 +18,10 @@
       y: { beginAtZero: true, title: { display: !!spec.unit, text: spec.unit || "" } },
     };
     if (spec.max !== undefined) { scales.y.suggestedMax = spec.max; }
-    if (hasY2) { scales.y2 = { beginAtZero: true, position: "right", grid: { drawOnChartArea: false } }; }
+    if (hasY2) {
+      scales.y2 = { beginAtZero: true, position: "right", grid: { drawOnChartArea: false },
+                    title: { display: !!spec.unit2, text: spec.unit2 || "" } };
+    }
     new window.Chart(canvas, {
       type: spec.type || "line",
       data: { labels: spec.labels, datasets: datasets },
@@ -58,6 +61,8 @@
     if (window.Chart) {
       document.querySelectorAll("canvas.chart").forEach(draw);
     }
+    // logs read from the end: show the newest lines first
+    document.querySelectorAll("pre.log").forEach(function (p) { p.scrollTop = p.scrollHeight; });
     document.querySelectorAll("button.copy").forEach(function (b) {
       b.addEventListener("click", function () { copy(b); });
     });
