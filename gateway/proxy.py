@@ -417,7 +417,8 @@ class StreamPassthrough(Response):
                 tg.start_soon(watch_disconnect)
                 async for piece in self._events():
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
-                done = self.complete = True
+                done = True
+                self.complete = self.status == 200  # a broken upstream connection is not reused
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
         finally:

@@ -3,7 +3,7 @@
 Runs everything for real in a throwaway state dir: registers the demo model, deploys deployments/demo.yaml
 (vLLM starts, is smoke-tested and goes live), serves the gateway with its dashboard, sends a few minutes of
 support-routing traffic through it with the OpenAI SDK from two users, then drives Debian's chromium with
-Playwright and writes docs/screenshots/*.png. About four minutes on 2 cores.
+Playwright and writes docs/screenshots/*.png. About five minutes on 2 cores (three of them traffic).
 
     .venv/bin/python scripts/screenshots.py [--out docs/screenshots] [--seconds 90]
 """
@@ -31,7 +31,7 @@ PAGES = [("01-endpoints", "/ui"), ("02-overview", "/ui/endpoints/demo/overview")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
-    ap.add_argument("--seconds", type=float, default=90.0, help="How long to send traffic.")
+    ap.add_argument("--seconds", type=float, default=180.0, help="How long to send traffic.")
     ap.add_argument("--chromium", default=os.environ.get("LLMHOST_CHROMIUM", "/usr/bin/chromium"))
     args = ap.parse_args()
     if not Path(args.chromium).exists():

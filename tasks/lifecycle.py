@@ -46,7 +46,12 @@ def resolve_source(source: str) -> str:
 
     # LLMHOST_DEMO_CACHE lets tests and CI share one build across state dirs.
     where = Path(os.environ["LLMHOST_DEMO_CACHE"]) if os.environ.get("LLMHOST_DEMO_CACHE") else default_demo_dir()
-    return f"path:{build_demo_model(where).model_dir}"
+    built = build_demo_model(where)
+    # demo/finetune.yaml reads {home}/demo/data: write the (deterministic) task data there too.
+    from demo.data import write_task_data
+
+    write_task_data(default_demo_dir() / "data")
+    return f"path:{built.model_dir}"
 
 
 def source_digest(source: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -307,9 +306,11 @@ class UsageView:
     status_codes: dict[int, int]
 
 
-def _rows(engine: Engine, endpoint: str, since: datetime, *cols: Any) -> list[Any]:
+def _rows(engine: Engine, endpoint: str, since: datetime, *cols: Any, ok_only: bool = False) -> list[Any]:
     with store.session_scope(engine) as s:
         q = select(*cols).where(UsageRecord.endpoint == endpoint, UsageRecord.ts >= since)
+        if ok_only:  # errors answer fast and would flatter the latency percentiles
+            q = q.where(UsageRecord.status_code < 400)
         return list(s.execute(q))
 
 
@@ -323,40 +324,70 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
         UsageRecord.status_code,
         UsageRecord.prompt_tokens,
         UsageRecord.completion_tokens,
-        UsageRecord.key_prefix,
-        UsageRecord.user,
-        UsageRecord.team,
     )
     req, err, pin, pout = ([0] * b.n for _ in range(4))
-    keys: dict[str, dict[str, Any]] = {}
-    users: dict[str, dict[str, Any]] = {}
-    codes: dict[int, int] = defaultdict(int)
-    for ts, code, p, c, prefix, user, team in rows:
-        i = b.index(ts)
-        if i is None:
+    start, width = b.start, b.width.total_seconds()
+    for ts, code, p, c in rows:
+        i = int((ts - start).total_seconds() // width)
+        if not 0 <= i < b.n:
             continue
-        is_err = code >= 400
         req[i] += 1
-        err[i] += is_err
-        pin[i] += p or 0
-        pout[i] += c or 0
-        codes[code] += 1
-        for table, k, extra in (
-            (keys, prefix or "(none)", {"user": user, "team": team}),
-            (users, user or "(none)", {"team": team}),
-        ):
-            agg = table.setdefault(
-                k,
-                {"name": k, **extra, "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0},
+        if code >= 400:
+            err[i] += 1
+        if p:
+            pin[i] += p
+        if c:
+            pout[i] += c
+    # the top lists and status codes are grouped by the database: far fewer rows cross over
+    err_sum = func.sum(case((UsageRecord.status_code >= 400, 1), else_=0))
+    aggs = (
+        func.count(),
+        err_sum,
+        func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
+        func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
+    )
+    where = (UsageRecord.endpoint == endpoint, UsageRecord.ts >= b.start)
+
+    def agg(name: str, n: int, e: int, p: int, c: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            **extra,
+            "requests": int(n),
+            "errors": int(e or 0),
+            "prompt_tokens": int(p),
+            "completion_tokens": int(c),
+        }
+
+    with store.session_scope(engine) as s:
+        keys = [
+            agg(k or "(none)", n, e, p, c, user=u, team=t)
+            for k, u, t, n, e, p, c in s.execute(
+                select(UsageRecord.key_prefix, func.max(UsageRecord.user), func.max(UsageRecord.team), *aggs)
+                .where(*where)
+                .group_by(UsageRecord.key_prefix)
+                .order_by(func.count().desc(), UsageRecord.key_prefix)
+                .limit(10)
             )
-            agg["requests"] += 1
-            agg["errors"] += is_err
-            agg["prompt_tokens"] += p or 0
-            agg["completion_tokens"] += c or 0
-
-    def top(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        return sorted(table.values(), key=lambda a: (-a["requests"], a["name"]))[:10]
-
+        ]
+        users = [
+            agg(u or "(none)", n, e, p, c, team=t)
+            for u, t, n, e, p, c in s.execute(
+                select(UsageRecord.user, func.max(UsageRecord.team), *aggs)
+                .where(*where)
+                .group_by(UsageRecord.user)
+                .order_by(func.count().desc(), UsageRecord.user)
+                .limit(10)
+            )
+        ]
+        codes = {
+            int(code): int(n)
+            for code, n in s.execute(
+                select(UsageRecord.status_code, func.count())
+                .where(*where)
+                .group_by(UsageRecord.status_code)
+                .order_by(UsageRecord.status_code)
+            )
+        }
     return UsageView(
         window,
         sum(req),
@@ -370,9 +401,9 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
             "prompt_tokens": pin,
             "completion_tokens": pout,
         },
-        top(keys),
-        top(users),
-        dict(sorted(codes.items())),
+        keys,
+        users,
+        codes,
     )
 
 
@@ -437,21 +468,16 @@ def health(engine: Engine, endpoint: str, window: str, now: datetime | None = No
     ensure_tables(engine)
     b = Buckets.for_window(window, now)
     rows = _rows(
-        engine,
-        endpoint,
-        b.start,
-        UsageRecord.ts,
-        UsageRecord.latency_ms,
-        UsageRecord.ttft_ms,
-        UsageRecord.status_code,
+        engine, endpoint, b.start, UsageRecord.ts, UsageRecord.latency_ms, UsageRecord.ttft_ms, ok_only=True
     )
     lat: list[list[float]] = [[] for _ in range(b.n)]
     ttft: list[list[float]] = [[] for _ in range(b.n)]
     all_lat: list[float] = []
     all_ttft: list[float] = []
-    for ts, latency, t, code in rows:
-        i = b.index(ts)
-        if i is None or code >= 400:  # errors answer fast and would flatter the percentiles
+    start, width = b.start, b.width.total_seconds()
+    for ts, latency, t in rows:
+        i = int((ts - start).total_seconds() // width)
+        if not 0 <= i < b.n:
             continue
         lat[i].append(latency)
         all_lat.append(latency)
