@@ -76,9 +76,9 @@ def usage_of(obj: dict[str, Any]) -> tuple[int | None, int | None]:
             int(completion) if isinstance(completion, int) else (0 if isinstance(prompt, int) else None))
 
 
-def is_usage_only_chunk(event: bytes) -> bool:
+def is_usage_only_chunk(chunk: dict[str, Any]) -> bool:
     """The trailing chunk that `stream_options.include_usage` adds: usage set, no choices."""
-    return b'"usage":{' in event and b'"choices":[]' in event
+    return isinstance(chunk.get("usage"), dict) and chunk.get("choices") == []
 
 
 def sse_error(message: str, *, type: str = "server_error", code: str = "replica_failed") -> bytes:

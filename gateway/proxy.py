@@ -376,20 +376,22 @@ class StreamPassthrough(Response):
                 if cut < 0:
                     continue
                 complete, buf = buf[: cut + 2], buf[cut + 2:]
-                if b'"usage":{' not in complete:
+                if b'"usage"' not in complete:  # the common case: relay as is, no parsing
                     yield complete
                     continue
                 out = []
                 for event in complete.split(b"\n\n")[:-1]:
-                    if b'"usage":{' in event and event.startswith(b"data: {"):
+                    if b'"usage"' in event and event.startswith(b"data: {"):
                         try:
-                            p, c = usage_of(orjson.loads(event[6:]))
+                            obj = orjson.loads(event[6:])
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if isinstance(obj, dict):
+                            p, c = usage_of(obj)
                             if p is not None:
                                 self.prompt, self.completion = p, c
-                        except orjson.JSONDecodeError:
-                            pass
-                        if not self.client_wants_usage and is_usage_only_chunk(event):
-                            continue
+                            if not self.client_wants_usage and is_usage_only_chunk(obj):
+                                continue
                     out.append(event + b"\n\n")
                 if out:
                     yield b"".join(out)

@@ -588,10 +588,13 @@ def _healthy(row: store.ReplicaRow) -> bool:
 # ---------------------------------------------------------------------------------------------- deploy
 
 
+Outcome = Literal["live", "unchanged", "failed", "refused"]
+
+
 class DeployResult(BaseModel):
     endpoint: str
     revision: str
-    outcome: Literal["live", "unchanged", "failed", "refused"]
+    outcome: Outcome
     message: str
     previous: str | None = Field(default=None, description="The revision that was live before (short hash).")
     replicas: list[Replica] = Field(default_factory=list)
@@ -623,12 +626,12 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
     live = _live(name)
     old_hash = live.content_hash if live else None
 
-    def done(outcome: str, message: str, **kw: Any) -> DeployResult:
+    def done(outcome: Outcome, message: str, **kw: Any) -> DeployResult:
         return DeployResult(
             endpoint=name,
             revision=short,
             outcome=outcome,
-            message=message,  # type: ignore[arg-type]
+            message=message,
             previous=old_hash[:12] if old_hash else None,
             tool_calling=plan.tool_calling,
             seconds=round(time.monotonic() - t0, 1),

@@ -187,7 +187,8 @@ def run_smoke(
         )
 
     def tools() -> tuple[bool, str, dict[str, Any]]:
-        r = client.chat.completions.create(
+        # Tools are plain dicts, as any client sends them; the SDK's overloads want its TypedDicts.
+        r = client.chat.completions.create(  # type: ignore[call-overload]
             model=model,
             messages=[{"role": "user", "content": cfg.tool_prompt}],
             tools=cfg.tools,

@@ -69,9 +69,7 @@ class ThreadedGateway:
         self.app = create_app(flush_interval_s=0.1)
         self.dashboard = mount(self.app.app, self.app.state.gateway, sample_interval_s=1.0)
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -267,8 +265,7 @@ def world(vllm_server: Any) -> Iterator[World]:
 
         wait_for(
             lambda: (
-                len(store.list_usage(endpoint=EP)) == sent.requests
-                and len(store.list_usage(endpoint=PRIVATE)) == 2
+                len(store.list_usage(endpoint=EP)) == sent.requests and len(store.list_usage(endpoint=PRIVATE)) == 2
             ),
             what="usage rows",
         )
@@ -308,9 +305,7 @@ class Session:
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("request", lambda r: self.urls.append(r.url))
         self.failed: list[str] = []
-        self.page.on(
-            "response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None
-        )
+        self.page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
 
     def login(self, key: str) -> None:
         self.page.goto(f"{self.gw.url}/")
@@ -334,9 +329,7 @@ class Session:
         return path
 
     def endpoints(self) -> list[str]:
-        return self.page.eval_on_selector_all(
-            "#endpoints tbody tr", "rows => rows.map(r => r.dataset.endpoint)"
-        )
+        return self.page.eval_on_selector_all("#endpoints tbody tr", "rows => rows.map(r => r.dataset.endpoint)")
 
     def cell(self, selector: str) -> str:
         return self.page.inner_text(selector).strip()
@@ -389,9 +382,7 @@ def test_user_sees_their_endpoint_and_every_tab_shows_the_traffic(
         assert world.live_hash in history[0] and "dash-dave" in history[0] and "live" in history[0]
         assert world.old_hash in history[1] and "dash-carol" in history[1] and "retired" in history[1]
         assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", history[0])
-        checks = s.page.eval_on_selector_all(
-            ".smoke-checks tbody tr td:first-child", "cs => cs.map(c => c.innerText)"
-        )
+        checks = s.page.eval_on_selector_all(".smoke-checks tbody tr td:first-child", "cs => cs.map(c => c.innerText)")
         assert {"health", "models", "chat", "stream"} <= set(checks)
         s.shot("02-overview")
 
@@ -454,9 +445,7 @@ def test_user_sees_their_endpoint_and_every_tab_shows_the_traffic(
         kv = s.page.evaluate("() => Chart.getChart('chart-kv').data.datasets[0].data.filter(v => v !== null)")
         assert kv, "no KV-cache samples in the chart"
         assert "CPU and RAM of the replica processes (psutil" in s.cell("#hw-label")
-        cpu = s.page.evaluate(
-            "() => Chart.getChart('chart-hw').data.datasets[1].data.filter(v => v !== null)"
-        )
+        cpu = s.page.evaluate("() => Chart.getChart('chart-hw').data.datasets[1].data.filter(v => v !== null)")
         assert cpu and all(v > 1 for v in cpu), "replica RSS (MiB) missing"
         rep_row = s.cell(f"#replicas tr[data-replica='{world.replica_name}']")
         assert "up" in rep_row and ("MiB" in rep_row or "GiB" in rep_row)
@@ -559,9 +548,7 @@ def test_prometheus_targets_and_grafana_dashboard_use_real_metric_names(world: W
     used = {m for e in exprs for m in re.findall(r"\b(?:llmhost_gateway_|vllm:)[A-Za-z0-9_:]+", e)}
     assert len(used) >= 12
     assert used <= names, f"dashboard metrics missing from the real /metrics: {sorted(used - names)}"
-    assert dash["templating"]["list"][0]["query"]["query"].startswith(
-        "label_values(llmhost_gateway_requests_total"
-    )
+    assert dash["templating"]["list"][0]["query"]["query"].startswith("label_values(llmhost_gateway_requests_total")
 
     prom = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
@@ -622,9 +609,9 @@ def test_percentiles_and_buckets():
     assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (50.0, 95.0, 100.0)
     now = datetime(2026, 1, 1, 12, 30, 20, tzinfo=UTC)
     b = Buckets.for_window("1h", now)
-    assert b.n == 60 and b.start == datetime(2026, 1, 1, 11, 31, tzinfo=UTC)
-    assert b.index(now) == 59 and b.index(now - timedelta(hours=2)) is None
-    assert b.labels()[0] == "11:31" and len(Buckets.for_window("7d", now).labels()) == 28
+    assert b.n == 61 and b.start == datetime(2026, 1, 1, 11, 30, tzinfo=UTC) and b.since == now - timedelta(hours=1)
+    assert b.index(now) == 60 and b.index(now - timedelta(hours=2)) is None
+    assert b.labels()[0] == "11:30" and len(Buckets.for_window("7d", now).labels()) == 29
 
 
 def test_snippets_are_valid_and_never_carry_a_key():
@@ -658,9 +645,12 @@ def test_session_cookie_is_signed_and_follows_the_key():
     assert Sessions(engine, secret="another-secret").viewer(cookie) is None
     store.revoke_key(viewer.prefix, actor="test")
     assert sessions.viewer(cookie) is None
-    assert [
-        _safe_next(x) for x in ("/ui/endpoints/a/usage", "//evil.example", "https://evil.example", None)
-    ] == ["/ui/endpoints/a/usage", "/ui", "/ui", "/ui"]
+    assert [_safe_next(x) for x in ("/ui/endpoints/a/usage", "//evil.example", "https://evil.example", None)] == [
+        "/ui/endpoints/a/usage",
+        "/ui",
+        "/ui",
+        "/ui",
+    ]
 
 
 def test_tail_lines_reads_only_the_end(tmp_path: Path):
@@ -670,3 +660,41 @@ def test_tail_lines_reads_only_the_end(tmp_path: Path):
     log.write_text("".join(f"line {i}\n" for i in range(100_000)))
     assert tail_lines(str(log), 3) == ["line 99997", "line 99998", "line 99999"]
     assert tail_lines(str(tmp_path / "missing.log")) == [] and tail_lines(None) == []
+
+
+def test_usage_buckets_in_sql_match_the_rows():
+    """Rows at known times land in the right buckets of every window, counted by the database."""
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.dashboard import data
+
+    engine = store.get_engine()
+    now = datetime(2026, 3, 4, 10, 0, 30, tzinfo=UTC)
+    ages = [timedelta(seconds=10), timedelta(minutes=5, seconds=1), timedelta(hours=3), timedelta(days=2)]
+    store.add_usage(
+        [
+            {
+                "ts": now - age,
+                "key_prefix": "0000beef",
+                "user": "dash-bucket",
+                "endpoint": "dash-bucket",
+                "route": "chat",
+                "status_code": 500 if k == 1 else 200,
+                "prompt_tokens": 10 * (k + 1),
+                "completion_tokens": k,
+                "latency_ms": 5.0,
+            }
+            for k, age in enumerate(ages)
+        ],
+        engine=engine,
+    )
+    u1 = data.usage(engine, "dash-bucket", "1h", now)
+    assert (u1.requests, u1.errors, u1.prompt_tokens, u1.completion_tokens) == (2, 1, 30, 1)
+    assert u1.series["requests"][60] == 1 and u1.series["errors"][55] == 1  # 10 s ago, 5 min 1 s ago
+    assert u1.top_users == [
+        {"name": "dash-bucket", "team": None, "requests": 2, "errors": 1, "prompt_tokens": 30, "completion_tokens": 1}
+    ]
+    u24 = data.usage(engine, "dash-bucket", "24h", now)
+    assert u24.requests == 3 and [u24.series["requests"][i] for i in (-1, -2, -4)] == [1, 1, 1]
+    u7 = data.usage(engine, "dash-bucket", "7d", now)
+    assert u7.requests == 4 and sum(u7.series["requests"]) == 4 and u7.status_codes == {200: 3, 500: 1}

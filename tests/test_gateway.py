@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -156,19 +157,60 @@ def test_chat_completion_and_streaming_pass_through(gateway: ThreadedGateway, al
     assert via_adapter.choices[0].message.content is not None
 
 
-def test_streaming_is_not_buffered(gateway: ThreadedGateway, alice: str, endpoint: str):
-    """The first event reaches the client well before the stream ends."""
-    body = {"model": endpoint, "messages": MSG, "max_tokens": 200, "stream": True, "ignore_eos": True}
-    arrivals = []
-    t0 = time.perf_counter()
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
-                      headers={"authorization": f"Bearer {alice}"}, timeout=60) as resp:
-        assert resp.status_code == 200
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                arrivals.append(time.perf_counter() - t0)
-    assert len(arrivals) > 50
-    assert arrivals[0] < arrivals[-1] * 0.5, f"first event at {arrivals[0]:.3f}s, last at {arrivals[-1]:.3f}s"
+def _held_sse_replica(release: threading.Event) -> tuple[socket.socket, int]:
+    """A replica that sends one SSE event, then holds the rest until `release` is set."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    def event(obj: dict) -> bytes:
+        return chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            head = conn.recv(65536)
+            if head.startswith(b"GET /health"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                conn.close()
+                continue
+            delta = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "held",
+                     "choices": [{"index": 0, "delta": {"content": "first"}, "finish_reason": None}]}
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                         b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n" + event(delta))
+            release.wait(30)
+            last = {**delta, "choices": [{"index": 0, "delta": {"content": " last"}, "finish_reason": "stop"}]}
+            usage = {**delta, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                                       "total_tokens": 5}}
+            conn.sendall(event(last) + event(usage) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, sock.getsockname()[1]
+
+
+def test_streaming_is_not_buffered(gateway: ThreadedGateway, alice: str):
+    """The client gets the first event while the replica still holds back the rest of the stream."""
+    release = threading.Event()
+    sock, port = _held_sse_replica(release)
+    try:
+        store.attach_server("gw-held", base_url=f"http://127.0.0.1:{port}/v1", served_model="held", actor="test")
+        store.grant("gw-held", team="gw-ml", actor="test")
+        stream = gateway.client(alice).chat.completions.create(model="gw-held", messages=MSG, stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].delta.content == "first" and not release.is_set()
+        release.set()
+        rest = list(stream)
+        assert [c.choices[0].delta.content for c in rest] == [" last"]  # usage chunk stripped
+    finally:
+        release.set()
+        sock.close()
 
 
 def test_client_leaving_mid_stream_is_metered_and_frees_the_replica(gateway: ThreadedGateway, endpoint: str):

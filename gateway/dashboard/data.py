@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, Float, case, cast, func, select
 
 from gateway.dashboard.tables import ReplicaSample, ensure_tables
 from tasks import audit, store
@@ -45,21 +45,25 @@ def percentile(values: list[float], q: float) -> float | None:
 
 @dataclass
 class Buckets:
-    """Fixed-width time buckets ending now; `index(ts)` is None outside the window."""
+    """Fixed-width time buckets on round times, from the one holding `since` to the one holding now.
+
+    Totals count exactly [since, now]; the oldest bucket may reach a little before `since`.
+    """
 
     start: datetime
     width: timedelta
     n: int
+    since: datetime
 
     @classmethod
     def for_window(cls, window: str, now: datetime | None = None) -> Buckets:
         length, width = WINDOWS[window]
         now = now or store.utcnow()
-        # align the end to a bucket boundary so labels are round times
+        since = now - length
         step = width.total_seconds()
-        end = datetime.fromtimestamp(math.ceil(now.timestamp() / step) * step, UTC)
-        n = int(length / width)
-        return cls(end - n * width, width, n)
+        start = datetime.fromtimestamp(math.floor(since.timestamp() / step) * step, UTC)
+        n = int((now - start) / width) + 1
+        return cls(start, width, n, since)
 
     def index(self, ts: datetime) -> int | None:
         i = int((ts - self.start) / self.width)
@@ -105,9 +109,7 @@ def counts_since(engine: Engine, since: datetime) -> dict[str, tuple[int, int]]:
         return {ep: (int(n), int(e or 0)) for ep, n, e in s.execute(q) if ep}
 
 
-def endpoint_rows(
-    engine: Engine, visible: set[str] | None, aliases: dict[str, str] | None = None
-) -> list[EndpointRow]:
+def endpoint_rows(engine: Engine, visible: set[str] | None, aliases: dict[str, str] | None = None) -> list[EndpointRow]:
     """One row per endpoint the viewer may see (`visible` None = all)."""
     counts = counts_since(engine, store.utcnow() - timedelta(hours=1))
     out = []
@@ -276,9 +278,7 @@ def overview(engine: Engine, name: str) -> Overview:
         for a in reversed(entries[-30:])
     ]
     live = next((r for r in revisions if r.live), None)
-    return Overview(
-        e.name, e.status, e.owner, e.description, e.usage_notes, live, revisions, smoke[:10], events
-    )
+    return Overview(e.name, e.status, e.owner, e.description, e.usage_notes, live, revisions, smoke[:10], events)
 
 
 def _short_ts(iso: str | None) -> str | None:
@@ -314,31 +314,25 @@ def _rows(engine: Engine, endpoint: str, since: datetime, *cols: Any, ok_only: b
         return list(s.execute(q))
 
 
+def _bucket_sql(engine: Engine, b: Buckets) -> Any:
+    """SQL for a row's bucket index (SQLite and PostgreSQL; None elsewhere, where Python buckets the rows).
+
+    The store keeps naive UTC timestamps, so both databases read them as UTC epoch seconds.
+    """
+    start, width = b.start.timestamp(), b.width.total_seconds()
+    epoch: Any
+    if engine.dialect.name == "sqlite":
+        epoch = cast(func.strftime("%s", UsageRecord.ts), Float)
+    elif engine.dialect.name == "postgresql":
+        epoch = func.extract("epoch", UsageRecord.ts)
+    else:
+        return None
+    return func.floor((epoch - start) / width).label("bucket")
+
+
 def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = None) -> UsageView:
     b = Buckets.for_window(window, now)
-    rows = _rows(
-        engine,
-        endpoint,
-        b.start,
-        UsageRecord.ts,
-        UsageRecord.status_code,
-        UsageRecord.prompt_tokens,
-        UsageRecord.completion_tokens,
-    )
     req, err, pin, pout = ([0] * b.n for _ in range(4))
-    start, width = b.start, b.width.total_seconds()
-    for ts, code, p, c in rows:
-        i = int((ts - start).total_seconds() // width)
-        if not 0 <= i < b.n:
-            continue
-        req[i] += 1
-        if code >= 400:
-            err[i] += 1
-        if p:
-            pin[i] += p
-        if c:
-            pout[i] += c
-    # the top lists and status codes are grouped by the database: far fewer rows cross over
     err_sum = func.sum(case((UsageRecord.status_code >= 400, 1), else_=0))
     aggs = (
         func.count(),
@@ -346,8 +340,34 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0),
     )
-    where = (UsageRecord.endpoint == endpoint, UsageRecord.ts >= b.start)
+    series_where = (UsageRecord.endpoint == endpoint, UsageRecord.ts >= b.start)
+    where = (UsageRecord.endpoint == endpoint, UsageRecord.ts >= b.since)
+    bucket = _bucket_sql(engine, b)
+    if bucket is not None:  # the database counts per bucket: a handful of rows cross over, not one per request
+        with store.session_scope(engine) as s:
+            for i, n, e, p, c in s.execute(select(bucket, *aggs).where(*series_where).group_by(bucket)):
+                if i is not None and 0 <= int(i) < b.n:
+                    i = int(i)
+                    req[i], err[i], pin[i], pout[i] = int(n), int(e or 0), int(p), int(c)
+    else:
+        start, width = b.start, b.width.total_seconds()
+        for ts, code, p, c in _rows(
+            engine,
+            endpoint,
+            b.start,
+            UsageRecord.ts,
+            UsageRecord.status_code,
+            UsageRecord.prompt_tokens,
+            UsageRecord.completion_tokens,
+        ):
+            i = int((ts - start).total_seconds() // width)
+            if 0 <= i < b.n:
+                req[i] += 1
+                err[i] += code >= 400
+                pin[i] += p or 0
+                pout[i] += c or 0
 
+    # the top lists and status codes are grouped by the database too
     def agg(name: str, n: int, e: int, p: int, c: int, **extra: Any) -> dict[str, Any]:
         return {
             "name": name,
@@ -359,6 +379,7 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
         }
 
     with store.session_scope(engine) as s:
+        totals = s.execute(select(*aggs).where(*where)).one()
         keys = [
             agg(k or "(none)", n, e, p, c, user=u, team=t)
             for k, u, t, n, e, p, c in s.execute(
@@ -390,10 +411,10 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
         }
     return UsageView(
         window,
-        sum(req),
-        sum(err),
-        sum(pin),
-        sum(pout),
+        int(totals[0]),
+        int(totals[1] or 0),
+        int(totals[2]),
+        int(totals[3]),
         {
             "labels": b.labels(),
             "requests": req,
@@ -467,9 +488,7 @@ HW_LABELS = {
 def health(engine: Engine, endpoint: str, window: str, now: datetime | None = None) -> HealthView:
     ensure_tables(engine)
     b = Buckets.for_window(window, now)
-    rows = _rows(
-        engine, endpoint, b.start, UsageRecord.ts, UsageRecord.latency_ms, UsageRecord.ttft_ms, ok_only=True
-    )
+    rows = _rows(engine, endpoint, b.start, UsageRecord.ts, UsageRecord.latency_ms, UsageRecord.ttft_ms, ok_only=True)
     lat: list[list[float]] = [[] for _ in range(b.n)]
     ttft: list[list[float]] = [[] for _ in range(b.n)]
     all_lat: list[float] = []
@@ -480,10 +499,12 @@ def health(engine: Engine, endpoint: str, window: str, now: datetime | None = No
         if not 0 <= i < b.n:
             continue
         lat[i].append(latency)
-        all_lat.append(latency)
         if t is not None:
             ttft[i].append(t)
-            all_ttft.append(t)
+        if ts >= b.since:
+            all_lat.append(latency)
+            if t is not None:
+                all_ttft.append(t)
     latency_series = {
         "labels": b.labels(),
         "p50": [percentile(x, 50) for x in lat],
@@ -590,9 +611,7 @@ def _sample_series(samples: list[ReplicaSample], b: Buckets) -> dict[str, Any]:
         out[c] = [sum(v) / len(v) if v else None for v in acc[c]]
     out["kv_cache_usage"] = [None if v is None else round(v * 100.0, 2) for v in out["kv_cache_usage"]]
     out["rss_bytes"] = [None if v is None else round(v / 2**20, 1) for v in out["rss_bytes"]]
-    out["gpu_mem_used_bytes"] = [
-        None if v is None else round(v / 2**30, 2) for v in out["gpu_mem_used_bytes"]
-    ]
+    out["gpu_mem_used_bytes"] = [None if v is None else round(v / 2**30, 2) for v in out["gpu_mem_used_bytes"]]
     return out
 
 

@@ -288,7 +288,7 @@ def _safe_next(nxt: str | None) -> str:
 
 
 def mount(
-    app: FastAPI,
+    app: FastAPI | Any,
     gateway: Any = None,
     *,
     engine: Any = None,
@@ -297,6 +297,7 @@ def mount(
 ) -> Dashboard:
     """Add the dashboard (/ui, its static files, `/` -> /ui) and its sampling loop to the gateway's app.
 
+    `app` is the FastAPI app inside create_app (or the GatewayApp it returns).
     `gateway` is the app's Gateway (its store engine is used); call before the app starts serving. Mounting
     twice returns the first dashboard.
     """
