@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui clean-state
+.PHONY: demo demo-serve test lint env runtime ui screenshots clean-state
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -43,6 +43,9 @@ test: env runtime
 lint: env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+screenshots: env runtime
+	$(VENV)/bin/python scripts/screenshots.py --out docs/screenshots
 
 clean-state:
 	rm -rf .llmhost

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from gateway.dashboard import mount as mount_dashboard
 from gateway.protocol import ApiError
 from gateway.proxy import Gateway, error_response
 from tasks.settings import Settings, get_settings
@@ -76,6 +77,7 @@ def create_app(store_url: str | None = None, settings: Settings | None = None, *
             500, f"The gateway failed unexpectedly ({type(exc).__name__}); see the gateway log.",
             type="server_error", code="gateway_error"))
 
+    mount_dashboard(app, gw)  # /ui pages, / -> /ui, replica metrics sampler
     return GatewayApp(app, gw)
 
 
