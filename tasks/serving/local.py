@@ -52,10 +52,12 @@ def parse_startup_log(text: str) -> dict[str, float | int | None]:
 
 def error_summary(log_tail: str) -> str:
     """vLLM's most telling error line: the last `...Error: msg` in the log tail."""
-    found = [m.group(1).strip() for line in log_tail.splitlines() if (m := _ERR_RE.search(line))]
+    # vLLM's WARNING lines can quote an error text (e.g. the ulimit hint); they are not the failure.
+    lines = [line for line in log_tail.splitlines() if " WARNING " not in line]
+    found = [m.group(1).strip() for line in lines if (m := _ERR_RE.search(line))]
     specific = [f for f in found if ("Error:" in f or "Exception:" in f)]
     pick = specific or found
-    return pick[-1] if pick else (log_tail.strip().splitlines() or ["(empty log)"])[-1]
+    return pick[-1] if pick else (lines or ["(empty log)"])[-1].strip()
 
 
 def _tail(path: Path, lines: int) -> str:
