@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     # vLLM 0.32 parses VLLM_CPU_KVCACHE_SPACE with int(): a fraction would crash the replica at start.
     cpu_kvcache_space_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) for CPU replicas.")
     tiers_file: Path | None = Field(default=None, description="Extra hardware tiers YAML, merged over the catalog.")
-    startup_timeout_s: float = Field(default=300.0, gt=0, description="Deadline for a replica's /health.")
+    startup_timeout_s: float = Field(default=600.0, gt=0, description="Deadline for a replica's /health.")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM grace before SIGKILL.")
     gateway_host: str = Field(default="127.0.0.1")
     gateway_port: int = Field(default=8000, gt=0, lt=65536)
