@@ -282,6 +282,7 @@ def test_a_spec_that_does_not_fit_is_refused_before_anything_starts(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_deploy_demo_spec_then_call_it_through_the_gateway_with_tools(demo_version: str, client: openai.OpenAI):
     from prefect.client.orchestration import get_client
 
@@ -356,6 +357,7 @@ def test_redeploying_an_unchanged_spec_is_a_no_op(client: openai.OpenAI, capsys:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_a_wrong_tool_parser_leaves_the_old_revision_serving(client: openai.OpenAI):
     from tasks.endpoints import DeployStartError
 
@@ -387,6 +389,7 @@ def test_a_wrong_tool_parser_leaves_the_old_revision_serving(client: openai.Open
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_blue_green_switch_on_a_changed_arg_fails_no_request(client: openai.OpenAI):
     old = live_hash()
     old_rows = store.list_replicas("demo")
@@ -413,6 +416,7 @@ def test_blue_green_switch_on_a_changed_arg_fails_no_request(client: openai.Open
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_a_fine_tuned_adapter_version_deploys_as_base_plus_lora(
     client: openai.OpenAI, demo_version: str, demo_data_dir: Path
 ):
@@ -455,6 +459,7 @@ def test_a_fine_tuned_adapter_version_deploys_as_base_plus_lora(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_rollback_redeploys_the_previous_good_revision(client: openai.OpenAI, demo_version: str):
     revs = store.list_revisions("demo")
     retired = max((r for r in revs if r.status == "retired"), key=lambda r: r.updated_at)
