@@ -217,6 +217,8 @@ def world(vllm_server: Any) -> Iterator[World]:
         pid=vllm_server.pid,
         log_path=vllm_server.log_path,
         kv_cache_tokens=vllm_server.kv_cache_tokens,
+        # The session fixture owns this process: stopping the endpoint must not kill it.
+        managed=False,
         actor="dash-dave",
     )
     smoke_audit(vllm_server, live.content_hash[:12])

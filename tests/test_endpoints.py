@@ -174,6 +174,8 @@ def stop_everything_at_the_end() -> Iterator[None]:
     # Under the load of parallel sessions a replica start has been measured at 220 s; the default is 300 s.
     old = os.environ.get("LLMHOST_STARTUP_TIMEOUT_S")
     os.environ["LLMHOST_STARTUP_TIMEOUT_S"] = "900"
+    # Stop only what this module deployed: other modules' endpoints (and the session's server) stay up.
+    before = {e.name for e in store.list_endpoints()}
     yield
     if old is None:
         os.environ.pop("LLMHOST_STARTUP_TIMEOUT_S", None)
@@ -182,7 +184,8 @@ def stop_everything_at_the_end() -> Iterator[None]:
     from tasks.endpoints import stop_endpoint
 
     for e in store.list_endpoints():
-        stop_endpoint(e.name, actor="test-teardown")
+        if e.name not in before:
+            stop_endpoint(e.name, actor="test-teardown")
     if NUMBERS:
         print("\nmeasured:", NUMBERS)
 

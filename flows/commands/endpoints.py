@@ -42,7 +42,10 @@ def list_() -> None:
     table = Table("endpoint", "status", "live revision", "served model", "model version",
                   "replicas (state, KV tokens)", "owner")
     for e in store.list_endpoints():
-        reps = "\n".join(f"{r.base_url} ({r.state}, {_kv(r.kv_cache_tokens)})" for r in e.replicas) or "-"
+        running = [r for r in e.replicas if r.state not in ("stopped", "failed")]
+        gone = len(e.replicas) - len(running)
+        reps = "\n".join(f"{r.base_url} ({r.state}, {_kv(r.kv_cache_tokens)})" for r in running)
+        reps = (reps + (f"\n+{gone} stopped (endpoints show --all)" if gone else "")).strip() or "-"
         table.add_row(e.name, e.status, e.live_revision or "-", e.served_model_name or "-",
                       e.model_version or "-", reps, e.owner or "-")
     Console().print(table)
