@@ -412,9 +412,6 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 @pytest.mark.skipif(
     os.environ.get("LLMHOST_SKIP_DEMO_FINETUNE") == "1", reason="LLMHOST_SKIP_DEMO_FINETUNE=1"
 )
-# Known gap, kept visible: on the current demo base, LoRA plateaus at a uniform guess over the 8 queues
-# (routing EM ~0.15) while a full fine-tune learns the task; the builder must change (issue 8 stays open).
-@pytest.mark.xfail(reason="demo base: LoRA routing gain below +0.3 (issue 8 open)", strict=False)
 def test_demo_finetune_improves_held_out_routing_and_tool_calls(
     lora_server, base_version, demo_data_dir: Path
 ):
