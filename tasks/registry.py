@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from tasks.errors import ConfigError, LlmhostError, RegistryError
 from tasks.settings import get_settings
-from tasks.tracking import get_or_create_experiment, mlflow_client
+from tasks.tracking import experiment_scope, get_or_create_experiment, mlflow_client
 from tasks.vllm_compat import CompatResult, check_architectures, supported_architectures
 
 REGISTRY_EXPERIMENT = "llmhost-registry"
@@ -786,7 +786,9 @@ def register_model(source: str, name: str, *, force: bool = False) -> Registered
                 tags={"llmhost.step": "register", "llmhost.source": source_ref},
             )
             created_run = link_run_id = run.info.run_id
-            with mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None):
+            with experiment_scope(experiment_id), mlflow.start_run(
+                run_id=run.info.run_id, nested=mlflow.active_run() is not None
+            ):
                 mlflow.log_params({"source": source_ref, "name": name, "content_hash": facts.content_hash})
                 if src.kind == "path":
                     info = mlflow.transformers.log_model(

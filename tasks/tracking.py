@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from tasks.settings import get_settings
@@ -58,3 +61,26 @@ def get_or_create_experiment(name: str) -> str:
         if again is None:
             raise
         return str(again.experiment_id)
+
+
+@contextmanager
+def experiment_scope(experiment_id: str) -> Iterator[None]:
+    """`mlflow.set_experiment` for the duration of a block, then the caller's active experiment again.
+
+    `set_experiment` is process-wide (a module global plus MLFLOW_EXPERIMENT_ID in the environment): left
+    set, it makes a later `start_run(run_id=...)` in another experiment fail with "active experiment ID does
+    not match", so a step that needs an active experiment (traces, genai.evaluate) scopes it here.
+    """
+    import mlflow
+    from mlflow.tracking import fluent
+
+    saved_id, saved_env = fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        yield
+    finally:
+        fluent._active_experiment_id = saved_id
+        if saved_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved_env

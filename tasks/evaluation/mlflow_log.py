@@ -32,7 +32,7 @@ from tasks.evaluation.compare import (
 from tasks.evaluation.runner import ExampleRecord, RunResult, run_suite
 from tasks.evaluation.suite import LoadedSuite
 from tasks.evaluation.targets import ResolvedTarget, resolve_target
-from tasks.tracking import configure_mlflow, get_or_create_experiment
+from tasks.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 
 EXAMPLES_TABLE = "eval_examples.json"
 
@@ -297,9 +297,8 @@ def evaluate_target(
     target.api_key()  # a missing key fails before an MLflow run is created
     configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    mlflow.set_experiment(experiment_id=exp_id)
     run_name = f"{target.spec} v{loaded.suite.version}"
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+    with experiment_scope(exp_id), mlflow.start_run(run_name=run_name, nested=nested) as run:
         result = run_suite(loaded, target, concurrency=concurrency, progress=progress)
         if trace:
             t0 = time.perf_counter()
@@ -344,7 +343,6 @@ def compare_targets(
     cand_t.api_key(), base_t.api_key()
     configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    mlflow.set_experiment(experiment_id=exp_id)
     kw = dict(
         concurrency=concurrency,
         progress=progress,
@@ -354,7 +352,9 @@ def compare_targets(
         hourly_price=hourly_price,
         tier=tier,
     )
-    with mlflow.start_run(run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}") as parent:
+    with experiment_scope(exp_id), mlflow.start_run(
+        run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}"
+    ) as parent:
         mlflow.set_tags(
             {
                 "llmhost.kind": "eval-comparison",
