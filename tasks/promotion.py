@@ -120,7 +120,9 @@ def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
     try:
         client.get_model_version(name, str(version))
     except Exception as exc:
-        raise ConfigError("version", f"{name}/{version}", f"register it first; see `llmhost models show {name}`") from exc
+        raise ConfigError(
+            "version", f"{name}/{version}", f"register it first; see `llmhost models show {name}`"
+        ) from exc
     before = current_aliases(name)
     previous = before.get("champion")
     if previous == str(version):
