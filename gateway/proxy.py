@@ -412,13 +412,16 @@ class StreamPassthrough(Response):
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    if not done:
+                    # A client that read `[DONE]` and hung up before the upstream's EOF got everything.
+                    if not done and not delivered:
                         self.status = 499  # nginx's "client closed request"
-                        tg.cancel_scope.cancel()
+                    tg.cancel_scope.cancel()
 
+                delivered = False
                 tg.start_soon(watch_disconnect)
                 async for piece in self._events():
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    delivered = delivered or piece.endswith(b"data: [DONE]\n\n")
                 done = True
                 self.complete = self.status == 200  # a broken upstream connection is not reused
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -917,6 +917,19 @@ def _mlflow_versions(ref: str) -> Any:
     return get_version(ref)
 
 
+def trainable_base(ref: str) -> str:
+    """The version a new adapter of `ref` trains on: `ref` itself, or its base when `ref` is an adapter.
+
+    After a promotion the champion is an adapter; a retrain starts a fresh adapter from the same base
+    (with the grown dataset) rather than stacking adapters.
+    """
+    mv = _mlflow_versions(ref)
+    tags = dict(mv.tags)
+    if tags.get("adapter") == "true" and tags.get("base_version"):
+        return f"models:/{mv.name}/{tags['base_version']}"
+    return f"models:/{mv.name}/{mv.version}"
+
+
 def resolve_base(cfg: FinetuneConfig) -> tuple[Any, Path]:
     """(MLflow ModelVersion, local HF folder) of the base; adapter versions are refused as bases."""
     from tasks.registry import resolve_model_ref

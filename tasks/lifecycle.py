@@ -149,8 +149,9 @@ def frontier_available(frontier: str | None) -> tuple[bool, str]:
     return True, f"comparing against {frontier}"
 
 
-def finetune_config_for(path: str, base_ref: str, max_steps: int | None) -> Any:
-    from tasks.finetune import load_config
+def finetune_config_for(path: str, champion_ref: str, max_steps: int | None) -> Any:
+    """The fine-tune config at `path`, training on the champion (or on its base, if it is an adapter)."""
+    from tasks.finetune import load_config, trainable_base
 
     p = Path(path)
     if not p.is_absolute():
@@ -158,7 +159,7 @@ def finetune_config_for(path: str, base_ref: str, max_steps: int | None) -> Any:
     if not p.is_file():
         raise ConfigError("finetune_config", path, "give the path of a FinetuneConfig YAML, e.g. demo/finetune.yaml")
     cfg = load_config(p)
-    update: dict[str, Any] = {"base_model": base_ref, "progress": False}
+    update: dict[str, Any] = {"base_model": trainable_base(champion_ref), "progress": False}
     if max_steps:
         update["max_steps"] = max_steps
     return cfg.model_copy(update=update)
