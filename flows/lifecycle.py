@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -13,6 +13,15 @@ from prefect.context import TaskRunContext
 
 from tasks import lifecycle as steps
 from tasks.lifecycle import LifecycleParams, LifecycleSummary, StepTiming
+
+if TYPE_CHECKING:
+    # Concrete return types: with `Any`, type checkers pick Prefect's async overload for these tasks.
+    from tasks.adapters import AdapterChange
+    from tasks.endpoints import DeployResult
+    from tasks.finetune import FinetuneResult
+    from tasks.promotion import PromotionRecord
+    from tasks.registry import RegisteredVersion
+    from tasks.sizing import MemoryEstimate
 
 # Steps that produce registry entries are cached on content hashes, so a rerun after a failure resumes
 # where it stopped instead of registering or training again.
@@ -32,14 +41,14 @@ def _finetune_key(ctx: TaskRunContext, args: dict[str, Any]) -> str:
 
 @task(name="register", retries=2, retry_delay_seconds=10, cache_key_fn=_register_key, cache_expiration=CACHE_FOR,
       persist_result=True)
-def register(source: str, name: str) -> Any:
+def register(source: str, name: str) -> RegisteredVersion:
     from tasks.registry import register_model
 
     return register_model(source, name)
 
 
 @task(name="size", retries=0)
-def size(model_dir: str, spec_path: str) -> Any:
+def size(model_dir: str, spec_path: str) -> MemoryEstimate:
     from tasks.endpoints import load_spec
     from tasks.sizing_io import make_request, size_model
 
@@ -52,7 +61,7 @@ def size(model_dir: str, spec_path: str) -> Any:
 
 
 @task(name="deploy", retries=1, retry_delay_seconds=10)
-def deploy(spec_path: str, force: bool = False) -> Any:
+def deploy(spec_path: str, force: bool = False) -> DeployResult:
     from tasks.endpoints import deploy as do_deploy
     from tasks.endpoints import load_spec
 
@@ -67,7 +76,9 @@ def deploy(spec_path: str, force: bool = False) -> Any:
 
 
 @task(name="evaluate", retries=0)
-def evaluate(suite: str, candidate: str, baseline: str | None, limit: int | None, tier: str | None) -> Any:
+def evaluate(
+    suite: str, candidate: str, baseline: str | None, limit: int | None, tier: str | None
+) -> dict[str, Any]:
     from tasks.evaluation.mlflow_log import compare_targets, evaluate_target
     from tasks.evaluation.suite import load
 
@@ -82,21 +93,21 @@ def evaluate(suite: str, candidate: str, baseline: str | None, limit: int | None
 
 
 @task(name="fine-tune", retries=0, cache_key_fn=_finetune_key, cache_expiration=CACHE_FOR, persist_result=True)
-def finetune(config: Any) -> Any:
+def finetune(config: Any) -> FinetuneResult:
     from tasks.finetune import finetune as do_finetune
 
     return do_finetune(config, log=lambda _m: None)
 
 
 @task(name="load-adapter", retries=2, retry_delay_seconds=5)
-def load_adapter(endpoint: str, version_ref: str, name: str) -> Any:
+def load_adapter(endpoint: str, version_ref: str, name: str) -> AdapterChange:
     from tasks.adapters import load_into_endpoint
 
     return load_into_endpoint(endpoint, version_ref, name=name)
 
 
 @task(name="promote", retries=0)
-def promote(model: str, version: str, spec_path: str, evidence: dict[str, Any]) -> Any:
+def promote(model: str, version: str, spec_path: str, evidence: dict[str, Any]) -> PromotionRecord:
     from tasks.promotion import move_aliases
 
     record = move_aliases(model, version, actor="lifecycle", evidence=evidence)

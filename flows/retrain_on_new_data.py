@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -44,7 +45,7 @@ def retrain_on_new_data(
     if champion is None:
         raise RuntimeError(f"{model_name} has no champion yet: run the lifecycle flow first")
     cfg = steps.finetune_config_for(finetune_config, f"models:/{model_name}/{champion}", max_steps)
-    cfg = cfg.model_copy(update={"train": [*cfg.train, DataSource(path=dataset_path)]})
+    cfg = cfg.model_copy(update={"train": [*cfg.train, DataSource(path=Path(dataset_path))]})
     log.info("fine-tuning %s v%s on %s (hash %s)", model_name, champion, dataset_path, dataset_hash[:12])
     ft = finetune(cfg)
     steps.ensure_gateway()

@@ -36,8 +36,9 @@ def register(app: typer.Typer) -> None:
             resp = client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0)
             console.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {resp.choices[0].message.content}")
-            console.print(f"base URL: {replica.base_url}  model: demo  "
-                          f"(tokens in/out {resp.usage.prompt_tokens}/{resp.usage.completion_tokens})")
+            usage = resp.usage
+            tokens = f"tokens in/out {usage.prompt_tokens}/{usage.completion_tokens}" if usage else "no usage"
+            console.print(f"base URL: {replica.base_url}  model: demo  ({tokens})")
             if serve:
                 console.print("serving; Ctrl-C to stop")
                 while True:
