@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui screenshots clean-state
+.PHONY: demo demo-serve test lint env runtime ui screenshots clean-state ray-up ray-down
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -43,6 +43,14 @@ test: env runtime
 lint: env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# A local Ray cluster for `target: ray` (deployments/demo-ray.yaml): a head and one worker node on loopback, each a
+# `ray start` from the serving venv; dashboard http://127.0.0.1:8265, state and logs under .llmhost/ray.
+ray-up: env runtime
+	$(VENV)/bin/python -m tasks.serving.ray_cluster up
+
+ray-down: env
+	$(VENV)/bin/python -m tasks.serving.ray_cluster down
 
 screenshots: env runtime
 	$(VENV)/bin/python scripts/screenshots.py --out docs/screenshots
