@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 import httpx
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tasks import audit, store
 from tasks.errors import ConfigError, DeployError, ReplicaStartError
-from tasks.serving.base import Dtype, KvCacheDtype, Quantization, Replica, VllmArgs
+from tasks.serving.base import Dtype, KvCacheDtype, Quantization, Replica, Target, VllmArgs
 from tasks.serving.local import LocalTarget, has_cuda_gpu
+from tasks.serving.ray import RaySettings, RayTarget, device_for
 from tasks.smoke import SmokeConfig, SmokeReport, run_smoke
 
 # Tool-call parser by architecture, used when the chat template's markup does not name the format (the
@@ -102,8 +103,11 @@ class EndpointSpec(BaseModel):
     usage_notes: str | None = None
     owner: str | None = None
     model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
-    target: Literal["local"] = "local"
+    target: Literal["local", "ray"] = "local"
     replicas: int = Field(default=1, ge=1, le=16)
+    ray: RaySettings | None = Field(
+        default=None, description="target: ray only: the cluster's dashboard URL, replica bounds and placement."
+    )
     hardware: str = Field(default="auto", description="A tier name from the catalog, or auto.")
     concurrency: int = Field(default=4, ge=1, description="Expected concurrent sequences, for sizing.")
     vllm: SpecVllm = Field(default_factory=SpecVllm)
@@ -118,6 +122,21 @@ class EndpointSpec(BaseModel):
         if not v.startswith("models:/"):
             raise ValueError("use models:/NAME@ALIAS or models:/NAME/VERSION (register the model first)")
         return v
+
+    @model_validator(mode="after")
+    def _target_settings(self) -> EndpointSpec:
+        if self.ray is not None and self.target != "ray":
+            raise ValueError("ray: is set but target is local; set target: ray, or remove the ray block")
+        if self.target == "ray":
+            self.ray = self.ray or RaySettings()
+            # Ray Serve owns the replica count (ray.min_replicas..max_replicas); two numbers that disagree
+            # would leave one of them silently ignored.
+            if self.replicas not in (1, self.ray.min_replicas):
+                raise ValueError(
+                    f"replicas={self.replicas} with target: ray; set ray.min_replicas (and ray.max_replicas) "
+                    "instead and leave replicas out"
+                )
+        return self
 
     @field_validator("adapters")
     @classmethod
@@ -325,7 +344,8 @@ def plan_revision(spec: EndpointSpec) -> RevisionPlan:
         }
     )
     identity = {
-        "spec": pinned.model_dump(mode="json", exclude=_COSMETIC),
+        # `ray` only when set, so that local revisions keep the hashes they had before the ray target existed.
+        "spec": pinned.model_dump(mode="json", exclude=_COSMETIC | ({"ray"} if pinned.ray is None else set())),
         "model_version": model_version,
         "base_version": base_version,
         "adapters": adapter_versions,
@@ -439,7 +459,28 @@ def _as_replica(row: store.ReplicaRow) -> Replica:
         log_path=row.log_path,
         served_model_name=row.served_model_name,
         state="up",
+        target=row.target,
     )
+
+
+def target_for(spec: EndpointSpec) -> Target:
+    """The serving target a spec names; the ray one carries the spec's cluster address and scaling."""
+    if spec.target == "ray":
+        return RayTarget(spec.ray or RaySettings(), device=device_for(spec.hardware))
+    return LocalTarget()
+
+
+def _row_target(endpoint: str, row: store.ReplicaRow) -> Target:
+    """The target that runs a stored replica; a Ray application's cluster is in its revision's pinned spec."""
+    if row.target != "ray":
+        return LocalTarget()
+    rev = next(r for r in store.list_revisions(endpoint) if r.id == row.revision_id)
+    return target_for(pinned_spec(rev))
+
+
+def _rows_per_revision(spec: EndpointSpec) -> int:
+    """Store rows (gateway upstreams) a live revision has: one per process, or one Ray application."""
+    return 1 if spec.target == "ray" else spec.replicas
 
 
 def start_replicas(
@@ -449,7 +490,7 @@ def start_replicas(
     *,
     actor: str,
     register: bool = True,
-    target: LocalTarget | None = None,
+    target: Target | None = None,
 ) -> tuple[list[Replica], list[int]]:
     """Starts every replica of the plan, recorded as `starting`; on a failed start, stops the ones already up.
 
@@ -485,6 +526,7 @@ def _register(plan: RevisionPlan, revision_id: int, r: Replica, state: str, acto
         kv_cache_tokens=r.kv_cache_tokens,
         pid=r.pid,
         log_path=r.log_path,
+        target=r.target,
         actor=actor,
     )
     return row
@@ -526,7 +568,6 @@ def drain_and_stop(
     switch shows up in vLLM's running/waiting gauges, which must then stay at 0 for `quiet_s`.
     """
     time.sleep(reload_s)
-    target = LocalTarget()
     reports = []
     for row in rows:
         root = row.base_url.removesuffix("/v1")
@@ -547,7 +588,7 @@ def drain_and_stop(
                 break
             time.sleep(0.1)
         if row.managed:
-            target.stop(_as_replica(row))
+            _row_target(endpoint, row).stop(_as_replica(row))
         store.set_replica_state(row.id, "stopped", actor=actor)
         reports.append(
             DrainReport(
@@ -630,7 +671,7 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
     same = old_hash == plan.content_hash
     if same and not force:
         up = [r for r in store.list_replicas(name) if r.state == "up" and _healthy(r)]
-        if up and len(up) >= spec.replicas and store.get_endpoint(name).status == "active":
+        if up and len(up) >= _rows_per_revision(spec) and store.get_endpoint(name).status == "active":
             audit.record(
                 actor,
                 "deploy.noop",
@@ -710,7 +751,9 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
 
     store.set_revision_status(name, rev.id, "starting", reason="", actor=actor)
     try:
-        replicas, row_ids = start_replicas(plan, rev.id, spec.replicas, actor=actor, register=not same)
+        replicas, row_ids = start_replicas(
+            plan, rev.id, _rows_per_revision(spec), actor=actor, register=not same, target=target_for(spec)
+        )
     except Exception as exc:
         store.set_revision_status(name, rev.id, "failed", reason=f"replica start failed: {exc}"[:2000], actor=actor)
         audit.record(
@@ -779,7 +822,7 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
         endpoint=name,
         revision=short,
     )
-    target = LocalTarget()
+    target = target_for(spec)
     if not passed:
         failed = sorted({f"{c.name}: {c.detail}" for rp in reports for c in rp.failures()})
         for r in replicas:
@@ -848,14 +891,14 @@ def stop_endpoint(name: str, *, actor: str | None = None) -> int:
     """Stops every managed replica of every revision of the endpoint; returns how many were stopped."""
     actor = actor or audit.default_actor()
     store.get_endpoint(name)  # one-line error for an unknown name
-    target, n = LocalTarget(), 0
+    n = 0
     store.upsert_endpoint(name, status="stopped", actor=actor)  # the gateway refuses new requests first
     for rev in store.list_revisions(name):
         for row in store.list_replicas(name, rev.id):
             if row.state in ("stopped", "failed"):
                 continue
             if row.managed:
-                target.stop(_as_replica(row))
+                _row_target(name, row).stop(_as_replica(row))
                 n += 1
             store.set_replica_state(row.id, "stopped", actor=actor)
         if rev.status == "live":
