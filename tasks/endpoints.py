@@ -878,7 +878,8 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
         )
     return done(
         "live",
-        f"revision {short} is live on {len(replicas)} replica(s)"
+        f"revision {short} is live on "
+        + (f"Ray Serve application {replicas[0].name}" if spec.target == "ray" else f"{len(replicas)} replica(s)")
         + (f"; {old_hash[:12]} drained and stopped" if old_hash and not same else ""),
         replicas=replicas,
         smoke=reports,
