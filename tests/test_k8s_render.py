@@ -157,3 +157,20 @@ def test_render_k8s_cli_writes_validated_files(demo_version: str, tmp_path: Path
     assert main(["render", "k8s", str(SPEC_PATH), "--out", str(out), "--models-size", "50GB"]) == 1
     err = capsys.readouterr().err
     assert "--models-size='50GB' is invalid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_render_k8s_by_name_renders_the_live_revision(demo_version: str, tmp_path: Path):
+    from flows.cli import main
+    from tasks import store
+
+    # A live revision as `deploy` records it (no process needed to render it): its pinned spec is what renders.
+    spec = spec_with(name="demo-k8s-by-name", ray={"min_replicas": 1, "max_replicas": 1})
+    plan = plan_revision(spec)
+    store.upsert_endpoint(spec.name, actor="test")
+    rev = store.add_revision(spec.name, plan.identity, served_model_name=plan.served_model_name,
+                             model_version=plan.model_version, actor="test")
+    store.set_live_revision(spec.name, rev.id, actor="test")
+    assert main(["render", "k8s", spec.name, "--out", str(tmp_path)]) == 0
+    dep = next(yaml.safe_load_all((tmp_path / "deployment.yaml").read_text()))
+    assert dep["metadata"]["labels"]["llmhost/revision"] == rev.content_hash[:12]
+    assert main(["render", "k8s", "no-such-endpoint", "--out", str(tmp_path)]) == 1

@@ -3,8 +3,9 @@ the real gateway and the OpenAI SDK.
 
 The module starts one cluster (head + worker, each its own `ray start`, every node offering `llmhost_replica: 2`)
 and shares one endpoint, `demo-ray` from deployments/demo-ray.yaml (2 replicas, one per node). vLLM starts cost
-about a minute each here, so the tests run in order on it: deploy (2 replicas), kill one replica's vLLM (1
-replacement), redeploy a changed revision under load (2 more), stop. Measured numbers print at the end.
+about a minute each here, so the tests run in order on it: deploy (2 replicas), a revision vLLM refuses (none
+start), kill one replica's vLLM (1 replacement), redeploy a changed revision under load (2 more), stop.
+Measured numbers print at the end.
 """
 
 from __future__ import annotations
@@ -332,6 +333,28 @@ def _served_by(rep: dict[str, Any]) -> int:
     text = httpx.get(f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}/metrics", timeout=5).text
     return int(sum(float(ln.rsplit(" ", 1)[-1]) for ln in text.splitlines()
                    if ln.startswith("vllm:request_success_total")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_revision_that_fails_to_start_leaves_the_old_one_serving(
+    spec: EndpointSpec, target: RayTarget, client: openai.OpenAI
+):
+    from tasks.endpoints import DeployStartError, deploy
+
+    old = live_app()
+    bad = EndpointSpec.model_validate(
+        {**spec.model_dump(mode="json"),
+         "vllm": {**spec.vllm.model_dump(mode="json"), "extra_args": ["--no-such-flag"]}}
+    )
+    # vLLM's own error line reaches the deploy's one-line error through Serve's application status.
+    with pytest.raises(DeployStartError, match=r"old revision keeps serving: .*unrecognized arguments: --no-such-flag"):
+        deploy(bad, actor="test")
+    assert live_app().id == old.id
+    assert list(target.details()["applications"]) == [old.name]  # the failed application was deleted
+    assert client.chat.completions.create(
+        model="demo-ray", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    ).choices
 
 
 @pytest.mark.slow

@@ -320,14 +320,12 @@ class RayTarget:
             if status == "RUNNING":
                 break
             if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
-                late = f"not RUNNING within {self.timeout_s:.0f}s ({status})"
+                late = (f"not RUNNING within {self.timeout_s:.0f}s (status {status}); raise "
+                        "LLMHOST_STARTUP_TIMEOUT_S if it was only slow")
                 why = _failure(a) if status == "DEPLOY_FAILED" else late
                 log = self.replica_log(app_name, lines=40)
                 self._delete(app_name)
-                raise ReplicaStartError(
-                    f"Ray Serve application {app_name!r} failed to start: {why} (raise LLMHOST_STARTUP_TIMEOUT_S "
-                    "if it was only slow)", log_tail=log,
-                )
+                raise ReplicaStartError(f"Ray Serve application {app_name!r} failed to start: {why}", log_tail=log)
             time.sleep(1.0)
         url = self.serve_url(d) + f"/{app_name}"
         parts = urlsplit(url)
