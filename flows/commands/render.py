@@ -25,13 +25,12 @@ def k8s(
     memory: str = typer.Option("16Gi", "--memory", help="Memory request and limit of a replica pod."),
 ) -> None:
     """Write validated manifests for the endpoint's revision: the same Serve config the `ray` target deploys."""
-    import yaml
     from pydantic import ValidationError
 
     from tasks import store
     from tasks.endpoints import load_spec, pinned_spec, plan_revision
     from tasks.errors import ConfigError
-    from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, k8s_name, render_endpoint
+    from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, dump_manifests, k8s_name, render_endpoint
 
     path = Path(endpoint)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -54,7 +53,7 @@ def k8s(
     folder = out or Path("k8s") / k8s_name(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     for name, docs in files.items():
-        (folder / name).write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        (folder / name).write_text(dump_manifests(docs))
         typer.echo(f"wrote {folder / name}: " + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in docs))
     typer.echo(
         f"revision {plan.content_hash[:12]} of {spec.name}: copy the weights of {plan.model_version} into the PVC at "

@@ -244,6 +244,26 @@ def render_pvc(endpoint: str, opts: K8sOptions) -> dict[str, Any]:
             "spec": spec}
 
 
+class _ManifestDumper(yaml.SafeDumper):
+    """Plain YAML for kubectl and for reading: no anchors for shared dicts, multi-line strings as `|` blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ManifestDumper.add_representer(str, _str)
+
+
+def dump_manifests(docs: list[dict[str, Any]]) -> str:
+    """A multi-document YAML file, the embedded Serve config readable as the YAML it is."""
+    return yaml.dump_all(docs, Dumper=_ManifestDumper, sort_keys=False)
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 
