@@ -228,7 +228,7 @@ def test_compare_logs_runs_tables_traces_and_report(
         )
         assert m["n_examples"] == 30 and "cost_per_1k_requests_usd" in m
         assert "accuracy/mean" in m  # from mlflow.genai.evaluate
-        table = mlflow.load_table(EXAMPLES_TABLE, run_ids=[run.info.run_id])
+        table = client.load_table(exp.experiment_id, EXAMPLES_TABLE, run_ids=[run.info.run_id])
         assert len(table) == 30 and {"output", "accuracy", "latency_s", "ttft_s", "trace_id"} <= set(
             table.columns
         )
