@@ -197,8 +197,8 @@ def _build_locked(out_dir: Path, cfg: DemoModelConfig, *, force: bool, log: Any)
                 "do_sample": False, "max_new_tokens": 64})
     (model_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     content_hash = dir_content_hash(model_dir)
-    (model_dir / ".build.json").write_text(json.dumps({"build_key": key, "content_hash": content_hash, "final_loss": loss_val,
-                                  "config": cfg.model_dump()}, indent=2))
+    meta = {"build_key": key, "content_hash": content_hash, "final_loss": loss_val, "config": cfg.model_dump()}
+    (model_dir / ".build.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final_dir, ignore_errors=True)
     model_dir.rename(final_dir)
     model_dir = final_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from tasks.serving.local import free_port
 from tasks.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+# The first test's lifecycle summary, quoted by the tests that build on its promotion.
+LIFECYCLE: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +36,8 @@ def gateway_port():
             endpoints.stop_endpoint(ep.name, actor="test")
     pid_file = get_settings().home_abs / "gateway.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(int(pid_file.read_text()), 15)
-        except ProcessLookupError:
-            pass
     if old is None:
         os.environ.pop("LLMHOST_GATEWAY_PORT", None)
     else:
@@ -77,6 +78,7 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir,
     assert summary.base_score is not None and summary.tuned_score is not None
     assert summary.decision, "a promotion decision is always explained"
     # The policy, not the test, decides: promoted only with a gain, and the aliases follow the decision.
+    LIFECYCLE["summary"] = summary.text()
     if summary.promoted:
         assert summary.tuned_score > summary.base_score, summary.text()
         assert current_aliases("demo") == {"champion": summary.candidate, "challenger": champion_before}
@@ -99,7 +101,8 @@ def test_champion_serves_the_endpoint_through_the_gateway(gateway_port):
     assert r.choices[0].message.content and r.usage.completion_tokens > 0
     assert audit.verify().ok
     actions = [e.action for e in audit.entries()]
-    assert "endpoint.route" in actions and any(a.startswith("promote") for a in actions)
+    assert "endpoint.route" in actions
+    assert any(a.startswith("promote") for a in actions), LIFECYCLE.get("summary", "the lifecycle did not run")
 
 
 def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
@@ -109,7 +112,7 @@ def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
 
     now = served_at("demo", datetime.now(UTC))
     assert now.model_version and now.model_version.startswith("demo/")
-    assert now.promotion and now.promotion["action"].startswith("promote")
+    assert now.promotion and now.promotion["action"].startswith("promote"), (now.promotion, LIFECYCLE.get("summary"))
     if now.promotion["action"] == "promote":
         assert now.promotion["eval_runs"], "a policy promotion links the eval runs it was decided on"
 
@@ -125,10 +128,10 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
     env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LLMHOST_PROJECT_DIR": str(PROJECT_ROOT)})
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                               "127.0.0.1", "--port", str(port), "--analytics-off"], env=env,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    with (tmp_path / "server.log").open("w") as server_log:  # the child keeps its own copy of the fd
+        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port), "--analytics-off"], env=env,
+                                  stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         api = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + 180
