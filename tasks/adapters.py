@@ -398,12 +398,15 @@ def load_into_endpoint(
     model_name = (rev.model_version or "").split("/")[0] or None
     adapter = resolve_adapter(adapter_ref(version, model_name))
     base = f"{adapter.name}/{adapter.base_version}"
-    if rev.model_version and rev.model_version != base:
+    # An endpoint whose champion is itself an adapter runs that adapter's base weights: a sibling adapter
+    # on the same base loads next to it.
+    weights = (rev.spec or {}).get("base_version") or rev.model_version
+    if weights and weights != base:
         raise ConfigError(
             "version",
             adapter.ref,
-            f"is an adapter on {base}, but endpoint {endpoint!r} serves "
-            f"{rev.model_version}; fine-tune on {rev.model_version} or deploy {base}",
+            f"is an adapter on {base}, but endpoint {endpoint!r} runs the weights of "
+            f"{weights}; fine-tune on {weights} or deploy {base}",
         )
     lora_name = name or adapter.default_serving_name
     enabled, max_rank = _revision_lora(rev)

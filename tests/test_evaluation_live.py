@@ -232,7 +232,9 @@ def test_compare_logs_runs_tables_traces_and_report(
         assert len(table) == 30 and {"output", "accuracy", "latency_s", "ttft_s", "trace_id"} <= set(
             table.columns
         )
-        traces = mlflow.search_traces(run_id=run.info.run_id, return_type="list", max_results=100)
+        traces = mlflow.search_traces(
+            locations=[exp.experiment_id], run_id=run.info.run_id, return_type="list", max_results=100
+        )
         assert len(traces) == 30
         t = traces[0]
         chat = next(s for s in t.data.spans if s.span_type == "CHAT_MODEL")
