@@ -266,6 +266,23 @@ def _progress(enabled: bool, total: int, label: str):  # type: ignore[no-untyped
         yield lambda: bar.advance(task)
 
 
+async def _warm_up(
+    client: openai.AsyncOpenAI, target: ResolvedTarget, examples: list[Example], params: dict[str, Any]
+) -> None:
+    """Unrecorded requests (one per concurrency slot) before the timed phase of a self-hosted target.
+
+    One-time costs, such as the first use of a hot-loaded LoRA adapter, otherwise land in the first batch's
+    latencies and skew p95 against a target that was already warm. A failure here is not an error: the
+    timed phase sends the same requests and records what happens.
+    """
+
+    async def one(ex: Example) -> None:
+        with contextlib.suppress(Exception):
+            await _stream_once(client, target.model, ex.messages, params)
+
+    await asyncio.gather(*(one(ex) for ex in examples))
+
+
 async def _run_examples(
     client: openai.AsyncOpenAI,
     target: ResolvedTarget,
@@ -398,6 +415,8 @@ async def run_suite_async(
         info = await preflight(client, target)
         counts: Counter[str] = Counter()
         params = request_params(suite.generation, suite.prompt)
+        if target.self_hosted:  # a frontier is not warmed: every request is billed
+            await _warm_up(client, target, loaded.examples[:conc], params)
         records, outputs, wall = await _run_examples(
             client,
             target,
