@@ -745,6 +745,11 @@ def _train_lora(
             data_collator=_Collator(tokenizer.pad_token_id),
             callbacks=[_Record()],
         )
+        if not cfg.progress:
+            # With tqdm off, transformers prints every log dict; a flow's log_prints would relay each one.
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         before = float(trainer.evaluate()["eval_loss"]) if eval_feats else None
         started = time.monotonic()
         trainer.train()
