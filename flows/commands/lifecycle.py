@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         frontier: str | None = typer.Option(None, help="Frontier target to compare against, if its key is set."),
+        max_p95_s: float = typer.Option(3.0, min=0.001, help="Latency SLO the candidate must meet (p95, s)."),
     ) -> None:
         """The whole lifecycle on the demo model, then a key to call the endpoint with."""
         import time
@@ -45,10 +46,17 @@ def register(app: typer.Typer) -> None:
 
         from tasks import store
         from tasks.lifecycle import LifecycleParams
+        from tasks.promotion import PromotionPolicy
 
         console = Console()
         t0 = time.monotonic()
-        summary = _run_lifecycle(LifecycleParams(frontier=frontier))
+        # The demo's latency rule is an absolute SLO, not a ratio: on the CPU runtime an unmerged LoRA
+        # adapter has been measured at 1.1-8x the base's p95 (0.13-1.5 s against 0.10-0.19 s), and the base
+        # it is compared with answers the task wrongly anyway. Quality rules are the library defaults.
+        policy = PromotionPolicy(max_latency_p95_ratio=None, max_latency_p95_s=max_p95_s)
+        console.print(f"promotion policy: accuracy must improve at 95% confidence, other metrics may drop "
+                      f"<= {policy.guard_others}, candidate latency p95 <= {max_p95_s:g} s")
+        summary = _run_lifecycle(LifecycleParams(frontier=frontier, policy=policy))
         created = store.create_key("demo-user", team="ml-platform", description="make demo", actor="demo")
         console.rule("llmhost demo")
         console.print(summary.text())
