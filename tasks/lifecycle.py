@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -74,9 +75,33 @@ def files_digest(paths: list[Path]) -> list[str]:
     return out
 
 
+def state_instance_id() -> str:
+    """A random id written once per state dir: a wiped and recreated dir at the same path gets a new one."""
+    import uuid
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    path = settings.home_abs / "instance-id"
+    if not path.exists():
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
 def cache_key(step: str, *parts: str) -> str:
-    """Prefect cache key; includes the MLflow store so a fresh state dir never reuses stale versions."""
-    h = hashlib.sha256("|".join([get_settings().mlflow_uri, *parts]).encode()).hexdigest()
+    """Prefect cache key over the MLflow store and this state dir's instance id.
+
+    Prefect keeps its results outside the state dir (~/.prefect), so after `make clean-state` a key of the
+    URI alone would hand back versions from the deleted registry.
+    """
+    ident = [get_settings().mlflow_uri, state_instance_id()]
+    h = hashlib.sha256("|".join([*ident, *parts]).encode()).hexdigest()
     return f"llmhost-{step}-{h[:32]}"
 
 
