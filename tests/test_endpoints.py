@@ -18,6 +18,7 @@ from typing import Any
 
 import openai
 import pytest
+from threaded_gateway import ThreadedGateway
 
 from tasks import audit, store
 from tasks.endpoints import (
@@ -30,7 +31,7 @@ from tasks.endpoints import (
     rollback,
 )
 from tasks.errors import ConfigError
-from tasks.serving.local import _pid_alive, free_port
+from tasks.serving.local import _pid_alive
 from tasks.settings import PROJECT_ROOT, get_settings
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo.yaml"
@@ -55,34 +56,6 @@ def runs_logs() -> set[str]:
     return {p.name for p in d.glob("*.log")} if d.exists() else set()
 
 
-class ThreadedGateway:
-    """The real gateway app under uvicorn on a free port, in a daemon thread."""
-
-    def __init__(self) -> None:
-        import uvicorn
-
-        from gateway.app import create_app
-
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(flush_interval_s=0.2), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedGateway:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start in 30 s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 class Hammer:

@@ -25,6 +25,7 @@ from typing import Any
 import openai
 import psutil
 import pytest
+from threaded_gateway import ThreadedGateway
 
 from tasks import store
 from tasks.endpoints import EndpointSpec, load_spec, plan_revision
@@ -36,33 +37,6 @@ from tasks.settings import PROJECT_ROOT, get_settings
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 NUMBERS: dict[str, Any] = {}
-
-
-class ThreadedGateway:
-    """The real gateway app under uvicorn on a free port, in a daemon thread."""
-
-    def __init__(self) -> None:
-        import uvicorn
-
-        from gateway.app import create_app
-
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(flush_interval_s=0.2), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedGateway:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start in 30 s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 class Load:
