@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import orjson
@@ -422,6 +423,9 @@ class StreamPassthrough(Response):
                 async for piece in self._events():
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
                     delivered = delivered or piece.endswith(b"data: [DONE]\n\n")
+                    # aiohttp hands out buffered data without yielding, and uvicorn drops sends to a gone client
+                    # silently: yield here so the disconnect watcher runs and aborts the upstream promptly.
+                    await anyio.lowlevel.checkpoint()
                 done = True
                 self.complete = self.status == 200  # a broken upstream connection is not reused
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

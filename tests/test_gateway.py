@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -157,8 +158,11 @@ def test_chat_completion_and_streaming_pass_through(gateway: ThreadedGateway, al
     assert via_adapter.choices[0].message.content is not None
 
 
-def _held_sse_replica(release: threading.Event) -> tuple[socket.socket, int]:
-    """A replica that sends one SSE event, then holds the rest until `release` is set."""
+def _held_sse_replica(release: threading.Event, closed: threading.Event | None = None) -> tuple[socket.socket, int]:
+    """A replica that sends one SSE event, then holds the rest until `release` is set.
+
+    With `closed`, it instead holds until the gateway drops the connection (how an abort reaches vLLM) and sets it.
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
@@ -184,6 +188,14 @@ def _held_sse_replica(release: threading.Event) -> tuple[socket.socket, int]:
                      "choices": [{"index": 0, "delta": {"content": "first"}, "finish_reason": None}]}
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                          b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n" + event(delta))
+            if closed is not None:
+                conn.settimeout(30)
+                with contextlib.suppress(OSError):
+                    while conn.recv(1024):
+                        pass
+                    closed.set()
+                conn.close()
+                continue
             release.wait(30)
             last = {**delta, "choices": [{"index": 0, "delta": {"content": " last"}, "finish_reason": "stop"}]}
             usage = {**delta, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
@@ -213,7 +225,30 @@ def test_streaming_is_not_buffered(gateway: ThreadedGateway, alice: str):
         sock.close()
 
 
-def test_client_leaving_mid_stream_is_metered_and_frees_the_replica(gateway: ThreadedGateway, endpoint: str):
+def test_client_leaving_mid_stream_is_a_499_and_aborts_the_upstream(gateway: ThreadedGateway, alice: str):
+    """Deterministic: the replica holds the stream open, so the client surely leaves before it ends."""
+    closed = threading.Event()
+    sock, port = _held_sse_replica(threading.Event(), closed=closed)
+    prefix = store.split_key(alice)[0]
+    try:
+        store.attach_server("gw-abort", base_url=f"http://127.0.0.1:{port}/v1", served_model="held", actor="test")
+        store.grant("gw-abort", team="gw-ml", actor="test")
+        body = {"model": "gw-abort", "messages": MSG, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {alice}"}, timeout=60) as resp:
+            first = next(line for line in resp.iter_lines() if line.startswith("data:"))
+            assert '"first"' in first  # then leave; closing the response drops the connection
+        assert closed.wait(20), "the gateway kept the upstream stream open after the client left"
+        (row,) = wait_for(lambda: store.list_usage(key_prefix=prefix, endpoint="gw-abort"), what="usage row")
+        assert row.status_code == 499 and row.stream and row.ttft_ms is not None
+        wait_for(lambda: all(st.outstanding == 0 for st in gateway.gw.pool.status.values()), what="release")
+    finally:
+        sock.close()
+
+
+def test_client_leaving_a_vllm_stream_frees_the_replica(gateway: ThreadedGateway, endpoint: str):
+    """Against the real server. The demo model makes ~1 token/ms, so a loaded machine may relay the whole
+    stream (through [DONE]) before it sees the hang-up; then the row is a complete 200, otherwise a 499."""
     raw = new_key("gw-hal", team="gw-ml")
     prefix = store.split_key(raw)[0]
     body = {"model": endpoint, "messages": MSG, "max_tokens": 900, "stream": True, "ignore_eos": True}
@@ -223,8 +258,14 @@ def test_client_leaving_mid_stream_is_metered_and_frees_the_replica(gateway: Thr
             if i > 5:
                 break  # leave after a few events; closing the response drops the connection
     (row,) = wait_for(lambda: store.list_usage(key_prefix=prefix), what="usage row")
-    assert row.status_code == 499 and row.stream and row.ttft_ms is not None
+    assert row.stream and row.ttft_ms is not None
+    if row.status_code == 200:
+        assert row.completion_tokens == 900
+    else:
+        assert row.status_code == 499
     wait_for(lambda: all(st.outstanding == 0 for st in gateway.gw.pool.status.values()), what="release")
+    after = gateway.client(raw).chat.completions.create(model=endpoint, messages=MSG, max_tokens=4)
+    assert after.choices[0].message.content is not None
 
 
 def test_usage_is_metered_for_streamed_and_plain_requests(gateway: ThreadedGateway, endpoint: str):
