@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks import audit, store
 from tasks.errors import ConfigError, DeployError, ReplicaStartError
+from tasks.inputs import load_yaml_model
 from tasks.serving.base import Dtype, KvCacheDtype, Quantization, Replica, Target, VllmArgs
 from tasks.serving.local import LocalTarget, has_cuda_gpu
 from tasks.serving.ray import RaySettings, RayTarget, device_for
@@ -151,23 +151,7 @@ class EndpointSpec(BaseModel):
 
 def load_spec(path: str | Path) -> EndpointSpec:
     """Reads and validates a spec; errors name the file, the field and the problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("spec", str(p), "give the path of an endpoint YAML, e.g. deployments/demo.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError(
-            "yaml", where, f"fix the YAML syntax ({getattr(exc, 'problem', exc)})", source=str(p)
-        ) from None
-    try:
-        return EndpointSpec.model_validate(raw or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(root)"
-        raise ConfigError(field, err.get("input"), err["msg"], source=str(p)) from None
+    return load_yaml_model(path, EndpointSpec, field="spec", example="an endpoint YAML, e.g. deployments/demo.yaml")
 
 
 # ---------------------------------------------------------------------------------------------- planning

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.errors import ConfigError, FinetuneError
+from tasks.inputs import load_yaml_model, read_jsonl
 from tasks.settings import PROJECT_ROOT, get_settings
 
 if TYPE_CHECKING:
@@ -181,27 +181,8 @@ def resolve_paths(cfg: FinetuneConfig, base: Path) -> FinetuneConfig:
 
 def load_config(path: str | Path) -> FinetuneConfig:
     """Read a fine-tune YAML; errors name the file, the field and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config", str(p), "give the path of a fine-tune YAML, e.g. demo/finetune.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError(
-            "yaml", where, f"fix the YAML syntax ({getattr(exc, 'problem', exc)})", source=str(p)
-        ) from None
-    try:
-        cfg = FinetuneConfig.model_validate(raw or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(root)"
-        value = err.get("input")
-        if isinstance(value, dict | list):
-            value = f"<{type(value).__name__}>"
-        raise ConfigError(field, value, err["msg"].removeprefix("Value error, "), source=str(p)) from None
-    return resolve_paths(cfg, p.resolve().parent)
+    cfg = load_yaml_model(path, FinetuneConfig, field="config", example="a fine-tune YAML, e.g. demo/finetune.yaml")
+    return resolve_paths(cfg, Path(path).resolve().parent)
 
 
 # ---------------------------------------------------------------------------------------------- preflight
@@ -245,22 +226,8 @@ class ChatRow(BaseModel):
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    if not path.is_file():
-        raise ConfigError(
-            "path", str(path), "file not found; build the demo data (llmhost demo-serve) or fix the path"
-        )
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError("row", line[:60], f"not JSON ({exc.msg})", source=f"{path}:{n}") from None
-        if not isinstance(row, dict):
-            raise ConfigError("row", line[:60], "each line must be a JSON object", source=f"{path}:{n}")
-        rows.append((f"{path}:{n}", row))
-    return rows
+    fix = "file not found; build the demo data (llmhost demo-serve) or fix the path"
+    return read_jsonl(path, field="path", missing_fix=fix)
 
 
 def _read_source_raw(src: DataSource) -> list[tuple[str, dict[str, Any]]]:

@@ -17,6 +17,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tasks.errors import ConfigError, EvalError
+from tasks.inputs import read_jsonl
 from tasks.settings import PROJECT_ROOT
 
 SUITES_DIR = PROJECT_ROOT / "eval_suites"
@@ -465,20 +466,8 @@ def load_suite(name_or_path: str | Path) -> EvalSuite:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    if not path.is_file():
-        raise SuiteError("data.path", str(path), "file not found; build it (llmhost demo) or fix the path")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SuiteError("row", line[:60], f"not JSON ({exc.msg})", source=f"{path}:{n}") from None
-        if not isinstance(row, dict):
-            raise SuiteError("row", line[:60], "each line must be a JSON object", source=f"{path}:{n}")
-        rows.append((f"{path}:{n}", row))
-    return rows
+    return read_jsonl(path, field="data.path", missing_fix="file not found; build it (llmhost demo) or fix the path",
+                      error=SuiteError)
 
 
 def _read_dataset(spec: DataSpec, base: Path) -> list[tuple[str, dict[str, Any]]]:
