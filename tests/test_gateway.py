@@ -7,14 +7,14 @@ import json
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from threaded_gateway import ThreadedGateway, wait_for
 
 from tasks import audit, store
 from tasks.serving.local import free_port
@@ -27,55 +27,10 @@ RAW_KEYS: list[str] = []  # every raw key this module creates, for the grep at t
 MSG = [{"role": "user", "content": "hi , where is my parcel ?"}]
 
 
-class ThreadedGateway:
-    """uvicorn serving the gateway app on a free port in a daemon thread."""
-
-    def __init__(self, flush_interval_s: float = 0.1):
-        import uvicorn
-
-        from gateway.app import create_app
-
-        self.app = create_app(flush_interval_s=flush_interval_s)
-        self.gw = self.app.state.gateway
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="info", access_log=True))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ThreadedGateway:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "gateway did not start in 30 s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
 def new_key(user: str, team: str | None = None) -> str:
     raw = store.create_key(user, team=team, actor="test").raw
     RAW_KEYS.append(raw)
     return raw
-
-
-def wait_for(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def metric(gw: ThreadedGateway, name: str, **labels: str) -> float:
@@ -120,7 +75,7 @@ def endpoint(vllm_server) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(log_file: Path, endpoint: str) -> Iterator[ThreadedGateway]:
-    with ThreadedGateway() as gw:
+    with ThreadedGateway(flush_interval_s=0.1, access_log=True) as gw:
         yield gw
 
 
@@ -452,7 +407,7 @@ def test_new_user_flow_with_the_cli(gateway: ThreadedGateway, endpoint: str, cap
 def test_pending_usage_is_flushed_on_shutdown(endpoint: str, log_file: Path):
     raw = new_key("gw-gina", team="gw-ml")
     prefix = store.split_key(raw)[0]
-    with ThreadedGateway(flush_interval_s=3600) as gw:
+    with ThreadedGateway(flush_interval_s=3600, access_log=True) as gw:
         gw.client(raw).chat.completions.create(model=endpoint, messages=MSG, max_tokens=2)
         assert store.list_usage(key_prefix=prefix) == []  # still pending in memory
     assert len(store.list_usage(key_prefix=prefix)) == 1
