@@ -123,6 +123,11 @@ def _primary_score(cmp: Any, metric: str) -> tuple[float | None, float | None]:
     return None, None
 
 
+def _verdict_line(v: Any) -> str:
+    """`READY TO REPLACE`, or `NOT YET (first failing check; ...)`."""
+    return v.headline if v.ready else f"{v.headline} ({'; '.join(v.reasons[:2])})"
+
+
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary:  # noqa: B008
     """Runs every step in order; a failed step stops the flow with its reason."""
@@ -165,7 +170,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
             front = timed("evaluate-frontier", evaluate, params.suite, champion_target, params.frontier,
                           params.eval_limit, params.tier)
             steps.attach_runs(parent, list(front["run_ids"].values()))
-            summary.verdict = front["comparison"].verdict.headline
+            summary.frontier_verdict = _verdict_line(front["comparison"].verdict)
         else:
             log.warning(why)
         ft_cfg = steps.finetune_config_for(params.finetune_config, f"models:/{params.model_name}/{champion}",
@@ -181,7 +186,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         steps.attach_runs(parent, list(cmp_out["run_ids"].values()))
         cmp = cmp_out["comparison"]
         summary.tuned_score, summary.base_score = _primary_score(cmp, summary.metric)
-        summary.verdict = summary.verdict or cmp.verdict.headline
+        summary.verdict = _verdict_line(cmp.verdict)
         decision = decide(cmp, params.policy)
         create_markdown_artifact(decision.markdown(), key="lifecycle-promotion",
                                  description="Promotion decision")

@@ -204,7 +204,8 @@ class LifecycleSummary(BaseModel):
     tuned_score: float | None = None
     metric: str = "accuracy"
     frontier: str = ""
-    verdict: str | None = None
+    frontier_verdict: str | None = Field(default=None, description="Champion vs frontier: READY TO REPLACE / NOT YET.")
+    verdict: str | None = Field(default=None, description="Candidate vs champion on the suite's own tolerances.")
     promoted: bool = False
     decision: str = ""
     endpoint: str
@@ -218,8 +219,9 @@ class LifecycleSummary(BaseModel):
             f"model {self.model}: champion was v{self.champion_before}"
             + (f", candidate v{self.candidate}" if self.candidate else ""),
             f"{self.metric}: base {_f(self.base_score)} -> tuned {_f(self.tuned_score)}",
-            f"frontier: {self.frontier}",
-            f"verdict (candidate vs champion): {self.verdict}",
+            f"frontier: {self.frontier}" + (f"; champion vs frontier: {self.frontier_verdict}"
+                                            if self.frontier_verdict else ""),
+            f"suite verdict (candidate vs champion, suite tolerances): {self.verdict or 'n/a'}",
             f"promoted: {'yes' if self.promoted else 'no'} ({self.decision})",
             f"endpoint: {self.gateway_url}/v1 model={self.endpoint}",
             f"MLflow: {self.mlflow_uri} (lifecycle run {self.parent_run_id})",

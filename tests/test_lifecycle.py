@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from tasks.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
-LIFECYCLE: dict[str, str] = {}
+LIFECYCLE: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,12 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir,
 
     assert summary.base_score is not None and summary.tuned_score is not None
     assert summary.decision, "a promotion decision is always explained"
+    assert summary.verdict and summary.verdict.startswith(("READY TO REPLACE", "NOT YET")), summary.text()
+    assert summary.frontier_verdict is None  # no frontier in the tests: champion vs frontier is not claimed
     # The policy, not the test, decides: promoted only with a gain, and the aliases follow the decision.
     LIFECYCLE["summary"] = summary.text()
+    LIFECYCLE["promoted"] = summary.promoted
+    LIFECYCLE["candidate"] = summary.candidate
     if summary.promoted:
         assert summary.tuned_score > summary.base_score, summary.text()
         assert current_aliases("demo") == {"champion": summary.candidate, "challenger": champion_before}
@@ -102,7 +107,14 @@ def test_champion_serves_the_endpoint_through_the_gateway(gateway_port):
     assert audit.verify().ok
     actions = [e.action for e in audit.entries()]
     assert "endpoint.route" in actions
-    assert any(a.startswith("promote") for a in actions), LIFECYCLE.get("summary", "the lifecycle did not run")
+    assert "promoted" in LIFECYCLE, "the lifecycle test did not run"
+    # The first registration is made champion (promote.initial); a winning candidate is then promoted by policy.
+    assert "promote.initial" in actions, LIFECYCLE["summary"]
+    policy = [e for e in audit.entries() if e.action == "promote" and e.subject == "model:demo"]
+    if LIFECYCLE["promoted"]:
+        assert policy and json.loads(policy[-1].after)["champion"] == str(LIFECYCLE["candidate"]), LIFECYCLE["summary"]
+    else:
+        assert not policy, LIFECYCLE["summary"]
 
 
 def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
@@ -112,9 +124,12 @@ def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
 
     now = served_at("demo", datetime.now(UTC))
     assert now.model_version and now.model_version.startswith("demo/")
-    assert now.promotion and now.promotion["action"].startswith("promote"), (now.promotion, LIFECYCLE.get("summary"))
-    if now.promotion["action"] == "promote":
+    assert now.promotion, (now.promotion, LIFECYCLE.get("summary"))
+    if LIFECYCLE.get("promoted"):
+        assert now.promotion["action"] == "promote", (now.promotion, LIFECYCLE["summary"])
         assert now.promotion["eval_runs"], "a policy promotion links the eval runs it was decided on"
+    else:
+        assert now.promotion["action"] == "promote.initial", (now.promotion, LIFECYCLE.get("summary"))
 
 
 def _prefect(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess[str]:
