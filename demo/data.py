@@ -96,11 +96,19 @@ TOOLS: list[dict[str, Any]] = [
             "required": ["queue", "priority"]}}},
 ]
 
+# Several phrasings per tool, so the fine-tune learns "city -> get_weather(city)" rather than the sentences;
+# the eval phrasing is held out. With three and two phrasings the tuned demo model scored 0 on it.
 WEATHER_TEMPLATES_TRAIN = ["what is the weather in {city} ?", "is it raining in {city} now ?",
-                           "tell me the weather for {city} ."]
+                           "tell me the weather for {city} .", "how is the weather in {city} today ?",
+                           "is it sunny in {city} ?", "will it be cold in {city} tomorrow ?",
+                           "what is the temperature in {city} right now ?", "weather for {city} , please ."]
 WEATHER_TEMPLATES_EVAL = ["how warm is it in {city} today ?"]
 TICKET_TEMPLATES_TRAIN = ["open a {priority} priority ticket for {queue} .",
-                          "please file a {queue} ticket , priority {priority} ."]
+                          "please file a {queue} ticket , priority {priority} .",
+                          "new ticket : {queue} , {priority} priority .",
+                          "raise a ticket with {queue} , it is {priority} priority .",
+                          "log a {priority} priority issue in the {queue} queue .",
+                          "i want a ticket in {queue} at {priority} priority ."]
 TICKET_TEMPLATES_EVAL = ["create a ticket in {queue} with {priority} priority ."]
 
 
@@ -134,8 +142,11 @@ def routing_chat(row: dict[str, str]) -> dict[str, Any]:
 
 def tool_rows(split: str) -> list[dict[str, Any]]:
     """Tool-use examples: a request that should call a named function with arguments."""
-    weather = WEATHER_TEMPLATES_TRAIN if split == "train" else WEATHER_TEMPLATES_EVAL
-    ticket = TICKET_TEMPLATES_TRAIN if split == "train" else TICKET_TEMPLATES_EVAL
+    if split == "pretrain":  # what the base model saw: fewer phrasings than the fine-tune data
+        weather, ticket, split = WEATHER_TEMPLATES_TRAIN[:3], TICKET_TEMPLATES_TRAIN[:2], "train"
+    else:
+        weather = WEATHER_TEMPLATES_TRAIN if split == "train" else WEATHER_TEMPLATES_EVAL
+        ticket = TICKET_TEMPLATES_TRAIN if split == "train" else TICKET_TEMPLATES_EVAL
     rows: list[dict[str, Any]] = []
     for t_i, t in enumerate(weather):
         for city in CITIES:
@@ -176,7 +187,7 @@ def pretraining_documents(rng: random.Random) -> Iterator[tuple[str, Any]]:
         yield "text", line
     # Tool calls are a strict format with arguments to pick from the request: show them more often.
     for _ in range(TOOL_REPEATS):
-        for row in tool_rows("train"):
+        for row in tool_rows("pretrain"):
             yield "chat", tool_chat(row)
 
 

@@ -43,3 +43,5 @@ def test_committed_eval_split_matches_the_generator():
 
     committed = (PROJECT_ROOT / "eval_suites" / "data" / "demo_routing_eval.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in committed] == data.routing_rows("eval")
+    committed = (PROJECT_ROOT / "eval_suites" / "data" / "demo_tools_eval.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in committed] == data.tool_rows("eval")

@@ -440,7 +440,8 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(
             scores[(suite, model)] = result.mean(metric) if hasattr(result, "mean") else _mean(result, metric)
     print(f"\ndemo fine-tune {res.steps} steps in {res.train_seconds:.0f}s; scores {scores}")
     assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", "demo-lora")] + 0.3
-    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", "demo-lora")]
+    # Measured: routing 0.00 -> 0.95, tool calls 0.00 -> 0.62 on the held-out phrasings.
+    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", "demo-lora")] + 0.3
 
 
 def _mean(result, metric: str) -> float:
