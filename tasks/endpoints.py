@@ -627,8 +627,17 @@ def _live(endpoint: str) -> store.EndpointRevision | None:
 
 
 def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False) -> DeployResult:
-    """Plan -> size -> start -> smoke -> switch (blue/green) -> drain the old revision; each step audited."""
+    """Plan -> size -> start -> smoke -> switch (blue/green) -> drain the old revision; each step audited.
+
+    One deploy per endpoint at a time: a second one (another shell, a scheduled retrain) is refused with
+    `store.DeployInProgress`, naming the holder, before it creates anything.
+    """
     actor = actor or audit.default_actor()
+    with store.deploy_lease(spec.name, actor=actor):
+        return _deploy(spec, actor=actor, force=force)
+
+
+def _deploy(spec: EndpointSpec, *, actor: str, force: bool) -> DeployResult:
     t0 = time.monotonic()
     name = spec.name
     store.upsert_endpoint(
@@ -930,6 +939,13 @@ def rollback(name: str, *, to: str | None = None, actor: str | None = None) -> D
             )
         target_rev = max(good, key=lambda r: (r.updated_at, r.id))  # the one retired most recently
     spec = pinned_spec(target_rev)
+    with store.deploy_lease(name, actor=actor):  # taken before the audit entry, so a refusal records nothing
+        return _rollback_to(spec, target_rev, live_hash, actor=actor)
+
+
+def _rollback_to(spec: EndpointSpec, target_rev: store.EndpointRevision, live_hash: str | None, *,
+                 actor: str) -> DeployResult:
+    name = spec.name
     audit.record(
         actor,
         "rollback",

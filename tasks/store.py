@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,15 +37,17 @@ from sqlalchemy import (
     UniqueConstraint,
     case,
     create_engine,
+    delete,
     event,
     func,
     insert,
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from tasks.errors import AccessError, ConfigError, GatewayError
+from tasks.errors import AccessError, ConfigError, DeployError, GatewayError
 from tasks.settings import get_settings
 
 KEY_PREFIX = "llmh"
@@ -215,6 +219,18 @@ class AuditEntry(Base):
     links: Mapped[str] = mapped_column(Text, default="{}")
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class DeployLease(Base):
+    """One deploy at a time per endpoint: held from plan to drain; its own table so old stores gain it."""
+
+    __tablename__ = "deploy_leases"
+    endpoint: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(300))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Meta(Base):
@@ -991,3 +1007,83 @@ def summarize_usage(*, endpoint: str | None = None, since: datetime | None = Non
         return [UsageSummary(ep, u, t, k, int(n), int(e or 0), int(p), int(c), float(lat or 0.0),
                              float(tt) if tt is not None else None)
                 for ep, u, t, k, n, e, p, c, lat, tt in s.execute(q)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deploy leases
+
+
+class DeployInProgress(DeployError):
+    """Another deploy of the same endpoint holds the lease."""
+
+
+_held_leases = threading.local()
+
+
+def get_deploy_lease(endpoint: str, engine: Engine | None = None) -> DeployLease:
+    with session_scope(engine) as s:
+        lease = s.get(DeployLease, endpoint)
+    assert lease is not None, f"lease of {endpoint} vanished while held"
+    return lease
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lease_is_stale(lease: DeployLease, now: datetime) -> bool:
+    """Expired, or held by a process on this host that is gone (a deploy killed with SIGKILL)."""
+    return lease.expires_at <= now or (lease.host == socket.gethostname() and not _pid_alive(lease.pid))
+
+
+@contextmanager
+def deploy_lease(endpoint: str, *, actor: str, ttl_s: float = 3600.0,
+                 engine: Engine | None = None) -> Iterator[DeployLease]:
+    """Hold the endpoint's deploy lease for the block; a second deploy is refused with who holds it and since when.
+
+    A lease whose holder died on this host, or which is older than `ttl_s`, is taken over.
+    """
+    held_here: set[str] = _held_leases.__dict__.setdefault("endpoints", set())
+    if endpoint in held_here:  # re-entrant within a thread: rollback holds it around its deploy
+        yield get_deploy_lease(endpoint, engine)
+        return
+    now = utcnow()
+    me = DeployLease(endpoint=endpoint, holder=actor, host=socket.gethostname(), pid=os.getpid(),
+                     acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+    eng = engine or get_engine()
+    for _ in range(3):
+        try:
+            with session_scope(eng) as s:
+                held = s.get(DeployLease, endpoint, with_for_update=True)
+                if held is not None and not _lease_is_stale(held, now):
+                    raise DeployInProgress(
+                        f"endpoint {endpoint!r} is being deployed by {held.holder} (pid {held.pid} on "
+                        f"{held.host}) since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC: wait for that deploy to "
+                        f"finish, then retry (a lease left by a crashed deploy expires at "
+                        f"{held.expires_at:%H:%M:%S} UTC)"
+                    )
+                if held is not None:
+                    s.delete(held)
+                    s.flush()
+                s.add(DeployLease(**{c: getattr(me, c) for c in ("endpoint", "holder", "host", "pid",
+                                                                    "acquired_at", "expires_at")}))
+            break
+        except IntegrityError:  # another deploy inserted its lease between our read and our insert
+            continue
+    else:
+        raise DeployInProgress(f"endpoint {endpoint!r}: another deploy took the lease at the same moment; retry")
+    held_here.add(endpoint)
+    try:
+        yield me
+    finally:
+        held_here.discard(endpoint)
+        with session_scope(eng) as s:
+            s.execute(delete(DeployLease).where(DeployLease.endpoint == endpoint, DeployLease.pid == me.pid,
+                                                DeployLease.host == me.host,
+                                                DeployLease.acquired_at == me.acquired_at))

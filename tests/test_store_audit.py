@@ -228,3 +228,97 @@ def test_concurrent_appends_keep_the_chain(engine: Engine):
         t.join()
     result = audit.verify(engine=engine)
     assert result.ok and result.entries == 40, result.summary()
+
+
+# ------------------------------------------------------------------------------------------------ deploy lease
+
+
+def test_a_second_deploy_of_an_endpoint_is_refused_while_one_runs(engine: Engine):
+    holding, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first_deploy() -> None:
+        try:
+            with store.deploy_lease("ep", actor="nightly-retrain", engine=engine):
+                holding.set()
+                release.wait(30)
+        except BaseException as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    t = threading.Thread(target=first_deploy)
+    t.start()
+    try:
+        assert holding.wait(10)
+        refused = pytest.raises(store.DeployInProgress, match=r"'ep' is being deployed by nightly-retrain \(pid \d+")
+        with refused, store.deploy_lease("ep", actor="alice", engine=engine):
+            pass
+        with store.deploy_lease("other-ep", actor="alice", engine=engine):  # other endpoints are free
+            pass
+    finally:
+        release.set()
+        t.join(10)
+    assert not errors
+    with store.deploy_lease("ep", actor="alice", engine=engine) as lease:  # released when the first ended
+        assert lease.holder == "alice"
+
+
+def test_the_lease_is_released_on_failure_and_reentrant_in_a_thread(engine: Engine):
+    with (pytest.raises(RuntimeError, match="boom"), store.deploy_lease("ep", actor="a", engine=engine),
+          store.deploy_lease("ep", actor="a", engine=engine)):  # rollback -> deploy
+        raise RuntimeError("boom")
+    with store.deploy_lease("ep", actor="b", engine=engine) as lease:
+        assert lease.holder == "b"
+
+
+def test_a_lease_left_by_a_dead_or_expired_deploy_is_taken_over(engine: Engine):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    now = store.utcnow()
+    with store.session_scope(engine) as s:
+        s.add(store.DeployLease(endpoint="crashed", holder="bob", host=socket.gethostname(),
+                                pid=int(dead.stdout), acquired_at=now, expires_at=now + timedelta(hours=1)))
+        s.add(store.DeployLease(endpoint="expired", holder="carol", host="another-host", pid=1,
+                                acquired_at=now - timedelta(hours=2), expires_at=now - timedelta(hours=1)))
+        s.add(store.DeployLease(endpoint="elsewhere", holder="dan", host="another-host", pid=1,
+                                acquired_at=now, expires_at=now + timedelta(hours=1)))
+    for ep in ("crashed", "expired"):
+        with store.deploy_lease(ep, actor="alice", engine=engine) as lease:
+            assert lease.holder == "alice"
+    held = pytest.raises(store.DeployInProgress, match="dan .*another-host")  # alive as far as we can tell
+    with held, store.deploy_lease("elsewhere", actor="alice", engine=engine):
+        pass
+
+
+def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import yaml
+
+    from flows.cli import main
+    from tasks.settings import PROJECT_ROOT
+
+    raw = yaml.safe_load((PROJECT_ROOT / "deployments" / "demo.yaml").read_text())
+    spec = tmp_path / "lease-demo.yaml"
+    spec.write_text(yaml.safe_dump({**raw, "name": "lease-demo"}))
+    audit_before = audit.count()
+    holding, release = threading.Event(), threading.Event()
+
+    def other_deploy() -> None:  # another process in production; a thread here (the lease is per thread)
+        with store.deploy_lease("lease-demo", actor="nightly-retrain"):
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other_deploy)
+    t.start()
+    try:
+        assert holding.wait(10)
+        assert main(["deploy", str(spec)]) != 0
+    finally:
+        release.set()
+        t.join(10)
+    err = capsys.readouterr().err.strip()
+    assert "being deployed by nightly-retrain" in " ".join(err.split()), err
+    assert "lease-demo" not in {e.name for e in store.list_endpoints()}
+    assert audit.count() == audit_before
