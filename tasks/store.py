@@ -1027,19 +1027,11 @@ def get_deploy_lease(endpoint: str, engine: Engine | None = None) -> DeployLease
     return lease
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _lease_is_stale(lease: DeployLease, now: datetime) -> bool:
     """Expired, or held by a process on this host that is gone (a deploy killed with SIGKILL)."""
-    return lease.expires_at <= now or (lease.host == socket.gethostname() and not _pid_alive(lease.pid))
+    from tasks.serving.local import pid_alive
+
+    return lease.expires_at <= now or (lease.host == socket.gethostname() and not pid_alive(lease.pid))
 
 
 @contextmanager

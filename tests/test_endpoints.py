@@ -31,7 +31,7 @@ from tasks.endpoints import (
     rollback,
 )
 from tasks.errors import ConfigError
-from tasks.serving.local import _pid_alive
+from tasks.serving.local import pid_alive
 from tasks.settings import PROJECT_ROOT, get_settings
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo.yaml"
@@ -354,7 +354,7 @@ def test_a_wrong_tool_parser_leaves_the_old_revision_serving(client: openai.Open
     failed = next(r for r in store.list_revisions("demo") if r.content_hash.startswith(result.revision))
     assert failed.status == "failed" and "--tool-call-parser hermes" in failed.reason
     assert all(r.state == "stopped" for r in store.list_replicas("demo", failed.id))
-    assert not _pid_alive(result.replicas[0].pid)  # the new replica's process is gone
+    assert not pid_alive(result.replicas[0].pid)  # the new replica's process is gone
     assert live_hash() == old
     raw = client.chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=4
@@ -383,7 +383,7 @@ def test_blue_green_switch_on_a_changed_arg_fails_no_request(client: openai.Open
     assert "--max-num-seqs" in result.replicas[0].args
     # The old replica was drained, then stopped.
     assert result.drain and not result.drain[0].timed_out
-    assert all(not _pid_alive(r.pid) for r in old_rows)
+    assert all(not pid_alive(r.pid) for r in old_rows)
     assert all(r.state == "stopped" for r in store.list_replicas("demo", old))
     NUMBERS["drain_wait_s"] = result.drain[0].waited_s
     NUMBERS["replica_start_s"].append(result.replicas[0].startup_seconds)
@@ -473,7 +473,7 @@ def test_endpoints_show_and_stop(client: openai.OpenAI, capsys: pytest.CaptureFi
     pids = [r.pid for r in store.list_replicas("demo")]
     assert main(["endpoints", "stop", "demo"]) == 0
     assert "stopped 1 replica" in capsys.readouterr().out
-    assert all(not _pid_alive(p) for p in pids)
+    assert all(not pid_alive(p) for p in pids)
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert err.value.status_code == 503 and "stopped" in str(err.value)

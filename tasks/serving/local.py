@@ -73,7 +73,7 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -194,7 +194,7 @@ class LocalTarget:
             if proc is not None:
                 if proc.poll() is not None and not _group_alive(pid):
                     break
-            elif not _pid_alive(pid) and not _group_alive(pid):
+            elif not pid_alive(pid) and not _group_alive(pid):
                 break
             time.sleep(0.1)
         else:
@@ -213,7 +213,7 @@ class LocalTarget:
         if replica.pid is None:
             return "stopped"
         proc = self._procs.get(replica.pid)
-        alive = proc.poll() is None if proc is not None else _pid_alive(replica.pid)
+        alive = proc.poll() is None if proc is not None else pid_alive(replica.pid)
         if not alive:
             return "stopped" if replica.state == "stopped" else "failed"
         try:
