@@ -367,6 +367,16 @@ def _revision_lora(rev: Any) -> tuple[bool | None, int | None]:
     return bool(vllm.get("enable_lora") or vllm.get("lora_modules")), vllm.get("max_lora_rank")
 
 
+def _runtime_unsafe(rev: Any) -> str:
+    """Why runtime (un)loading would leave replicas disagreeing, or "" when it is safe."""
+    if ((rev.spec or {}).get("spec") or {}).get("target") == "ray":
+        # One gateway row is a whole Serve application: a runtime call reaches one of its replicas, and the
+        # replicas Serve adds (autoscaling) or replaces (failed health check) start from the revision's
+        # command line. The adapter set has to be in that command line.
+        return "a Ray Serve revision starts its replicas from the revision's --lora-modules"
+    return ""
+
+
 def _redeploy(endpoint: str, rev: Any, adapters: dict[str, str | None], max_rank: int | None) -> Any:
     """Blue/green through the endpoint deploy path, with the adapter set changed in the spec."""
     from tasks.endpoints import EndpointSpec, deploy
@@ -410,11 +420,12 @@ def load_into_endpoint(
         )
     lora_name = name or adapter.default_serving_name
     enabled, max_rank = _revision_lora(rev)
-    reason = ""
     if enabled is False:
         reason = "the live revision was started without --enable-lora"
     elif max_rank is not None and adapter.lora_rank > max_rank:
         reason = f"adapter rank {adapter.lora_rank} > the revision's --max-lora-rank {max_rank}"
+    else:
+        reason = _runtime_unsafe(rev)
     started = time.monotonic()
     done: list[str] = []
     if not reason:
@@ -500,6 +511,8 @@ def unload_from_endpoint(endpoint: str, version_or_name: str, *, allow_restart: 
             )
     started = time.monotonic()
     try:
+        if why := _runtime_unsafe(rev):
+            raise RuntimeLoraUnavailable(why)
         for r in reps:
             unload_on_replica(r.base_url, lora_name)
     except RuntimeLoraUnavailable as exc:

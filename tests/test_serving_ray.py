@@ -394,6 +394,42 @@ def test_a_changed_revision_switches_under_load_with_no_failed_request(
 
 
 @pytest.mark.slow
+def test_an_adapter_reaches_every_ray_replica_through_a_blue_green_redeploy(
+    demo_version: str, demo_data_dir: Path, target: RayTarget, client: openai.OpenAI
+):
+    """A runtime load would reach one Serve replica, and replicas Serve adds or replaces would lack it."""
+    from tasks.adapters import load_into_endpoint
+    from tasks.finetune import DataSource, FinetuneConfig, LoraSettings, finetune
+
+    cfg = FinetuneConfig(
+        base_model=f"models:/demo/{demo_version}", train=[DataSource(path=demo_data_dir / "train.jsonl")],
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0), max_steps=4, batch_size=8, eval_fraction=0.05,
+        eval_steps=4, logging_steps=1, cpu_threads=1, progress=False, seed=0,
+    )
+    tuned = finetune(cfg)
+    old = live_app()
+    t0 = time.monotonic()
+    change = load_into_endpoint("demo-ray", tuned.registered_version)
+    NUMBERS["adapter_redeploy_s"] = round(time.monotonic() - t0, 1)
+    assert change.method == "restart" and "Ray Serve" in (change.note or ""), change
+    new = live_app()
+    live_rev = next(r for r in store.list_revisions("demo-ray") if r.id == new.revision_id)
+    assert new.name != old.name and change.adapter in (live_rev.adapters or {}), live_rev.adapters
+    reps = running(target, new.name)
+    assert len(reps) == 2
+    for r in reps:  # the adapter is in every replica's command line, so a replaced replica has it too
+        cmd = vllm_child(r["pid"]).cmdline()
+        assert any(a.startswith(f"{change.adapter}=") for a in cmd[cmd.index("--lora-modules") + 1:]), cmd
+    before = {r["replica_id"]: _served_by(r) for r in reps}
+    for i in range(12):
+        resp = client.chat.completions.create(model=f"demo-ray:{change.adapter}", max_tokens=2,
+                                              messages=[{"role": "user", "content": f"hi {i}"}])
+        assert resp.choices[0].message.content is not None
+    share = {r["replica_id"]: _served_by(r) - before[r["replica_id"]] for r in reps}
+    assert sum(share.values()) == 12 and all(v > 0 for v in share.values()), share
+
+
+@pytest.mark.slow
 def test_stop_deletes_the_application_and_its_vllm_servers(target: RayTarget, ray_cluster: LocalRayCluster):
     from tasks.endpoints import stop_endpoint
 
