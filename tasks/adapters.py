@@ -403,7 +403,17 @@ def _redeploy(endpoint: str, rev: Any, adapters: dict[str, str | None], max_rank
 def load_into_endpoint(
     endpoint: str, version: str, *, name: str | None = None, allow_restart: bool = True
 ) -> AdapterChange:
-    """Hot-load an adapter version into every live replica of `endpoint`; fall back to blue/green."""
+    """Hot-load an adapter version into every live replica of `endpoint`; fall back to blue/green.
+
+    Holds the endpoint's deploy lease, so a deploy cannot switch revisions under the load.
+    """
+    from tasks import audit, store
+
+    with store.deploy_lease(endpoint, actor=audit.default_actor()):
+        return _load_into_endpoint(endpoint, version, name=name, allow_restart=allow_restart)
+
+
+def _load_into_endpoint(endpoint: str, version: str, *, name: str | None, allow_restart: bool) -> AdapterChange:
     _, rev, reps = _live(endpoint)
     model_name = (rev.model_version or "").split("/")[0] or None
     adapter = resolve_adapter(adapter_ref(version, model_name))
@@ -495,6 +505,13 @@ def load_into_endpoint(
 
 def unload_from_endpoint(endpoint: str, version_or_name: str, *, allow_restart: bool = True) -> AdapterChange:
     """Unload an adapter (by served name, or by version) from every live replica; fall back to blue/green."""
+    from tasks import audit, store
+
+    with store.deploy_lease(endpoint, actor=audit.default_actor()):
+        return _unload_from_endpoint(endpoint, version_or_name, allow_restart=allow_restart)
+
+
+def _unload_from_endpoint(endpoint: str, version_or_name: str, *, allow_restart: bool) -> AdapterChange:
     _, rev, reps = _live(endpoint)
     current = dict(rev.adapters or {})
     if version_or_name in current:

@@ -322,3 +322,26 @@ def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys:
     assert "being deployed by nightly-retrain" in " ".join(err.split()), err
     assert "lease-demo" not in {e.name for e in store.list_endpoints()}
     assert audit.count() == audit_before
+
+
+def test_adapter_loads_are_refused_while_the_endpoint_is_being_deployed():
+    from tasks import adapters
+
+    holding, release = threading.Event(), threading.Event()
+
+    def deploying() -> None:
+        with store.deploy_lease("lease-adapters", actor="alice"):
+            holding.set()
+            release.wait(30)
+
+    t = threading.Thread(target=deploying)
+    t.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(store.DeployInProgress, match="being deployed by alice"):
+            adapters.load_into_endpoint("lease-adapters", "models:/demo/2")
+        with pytest.raises(store.DeployInProgress, match="being deployed by alice"):
+            adapters.unload_from_endpoint("lease-adapters", "demo-v2")
+    finally:
+        release.set()
+        t.join(10)
