@@ -323,7 +323,10 @@ class RayTarget:
                 late = (f"not RUNNING within {self.timeout_s:.0f}s (status {status}); raise "
                         "LLMHOST_STARTUP_TIMEOUT_S if it was only slow")
                 why = _failure(a) if status == "DEPLOY_FAILED" else late
-                log = self.replica_log(app_name, lines=40)
+                try:  # the log is a courtesy; never let fetching it hide why the start failed
+                    log = self.replica_log(app_name, lines=40)
+                except Exception as exc:  # noqa: BLE001
+                    log = f"(could not read the replica log: {type(exc).__name__}: {exc})"
                 self._delete(app_name)
                 raise ReplicaStartError(f"Ray Serve application {app_name!r} failed to start: {why}", log_tail=log)
             time.sleep(1.0)
@@ -370,7 +373,8 @@ class RayTarget:
     def replica_log(self, app: str, lines: int = 100, replica_id: str | None = None) -> str:
         """The vLLM log of one replica (the first, or `replica_id`), read through the dashboard's log API."""
         reps = self.replicas(app)
-        rep = next((r for r in reps if replica_id in (None, r.get("replica_id"))), None)
+        # A replica that died before it was placed (a failed start) has no node_id: there is no log to read.
+        rep = next((r for r in reps if replica_id in (None, r.get("replica_id")) and r.get("node_id")), None)
         if rep is None:
             return ""
         filename = f"llmhost-vllm-{app}-{rep['replica_id']}.log"
