@@ -132,6 +132,7 @@ def _verdict_line(v: Any) -> str:
 def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary:  # noqa: B008
     """Runs every step in order; a failed step stops the flow with its reason."""
     from tasks.endpoints import load_spec
+    from tasks.finetune import trainable_base
     from tasks.promotion import decide
     from tasks.registry import resolve_model_ref
     from tasks.settings import get_settings
@@ -157,7 +158,8 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         registered = timed("register", register, source, params.model_name)
         champion = steps.ensure_champion(params.model_name, registered.version, actor="lifecycle")
         summary.champion_before = champion
-        resolved = resolve_model_ref(f"models:/{params.model_name}@champion")
+        # After a promotion the champion is an adapter: size the base weights it is served on.
+        resolved = resolve_model_ref(trainable_base(f"models:/{params.model_name}/{champion}"))
         timed("size", size, str(resolved.local_dir), params.endpoint_spec)
         steps.ensure_gateway()
         timed("deploy", deploy, params.endpoint_spec)
