@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -233,31 +235,39 @@ def test_concurrent_appends_keep_the_chain(engine: Engine):
 # ------------------------------------------------------------------------------------------------ deploy lease
 
 
-def test_a_second_deploy_of_an_endpoint_is_refused_while_one_runs(engine: Engine):
+@contextmanager
+def held_elsewhere(endpoint: str, actor: str, engine: Engine | None = None) -> Iterator[None]:
+    """Another deploy holding `endpoint`'s lease (another process in production; a thread here, since the
+    lease is re-entrant per thread) for the duration of the block."""
     holding, release = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
-    def first_deploy() -> None:
+    def other_deploy() -> None:
         try:
-            with store.deploy_lease("ep", actor="nightly-retrain", engine=engine):
+            with store.deploy_lease(endpoint, actor=actor, engine=engine):
                 holding.set()
                 release.wait(30)
-        except BaseException as exc:  # surfaced by the assert below
+        except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    t = threading.Thread(target=first_deploy)
+    t = threading.Thread(target=other_deploy)
     t.start()
     try:
-        assert holding.wait(10)
+        assert holding.wait(10), errors
+        yield
+    finally:
+        release.set()
+        t.join(10)
+    assert not errors
+
+
+def test_a_second_deploy_of_an_endpoint_is_refused_while_one_runs(engine: Engine):
+    with held_elsewhere("ep", "nightly-retrain", engine):
         refused = pytest.raises(store.DeployInProgress, match=r"'ep' is being deployed by nightly-retrain \(pid \d+")
         with refused, store.deploy_lease("ep", actor="alice", engine=engine):
             pass
         with store.deploy_lease("other-ep", actor="alice", engine=engine):  # other endpoints are free
             pass
-    finally:
-        release.set()
-        t.join(10)
-    assert not errors
     with store.deploy_lease("ep", actor="alice", engine=engine) as lease:  # released when the first ended
         assert lease.holder == "alice"
 
@@ -303,21 +313,8 @@ def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys:
     spec = tmp_path / "lease-demo.yaml"
     spec.write_text(yaml.safe_dump({**raw, "name": "lease-demo"}))
     audit_before = audit.count()
-    holding, release = threading.Event(), threading.Event()
-
-    def other_deploy() -> None:  # another process in production; a thread here (the lease is per thread)
-        with store.deploy_lease("lease-demo", actor="nightly-retrain"):
-            holding.set()
-            release.wait(30)
-
-    t = threading.Thread(target=other_deploy)
-    t.start()
-    try:
-        assert holding.wait(10)
+    with held_elsewhere("lease-demo", "nightly-retrain"):
         assert main(["deploy", str(spec)]) != 0
-    finally:
-        release.set()
-        t.join(10)
     err = capsys.readouterr().err.strip()
     assert "being deployed by nightly-retrain" in " ".join(err.split()), err
     assert "lease-demo" not in {e.name for e in store.list_endpoints()}
@@ -327,21 +324,8 @@ def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys:
 def test_adapter_loads_are_refused_while_the_endpoint_is_being_deployed():
     from tasks import adapters
 
-    holding, release = threading.Event(), threading.Event()
-
-    def deploying() -> None:
-        with store.deploy_lease("lease-adapters", actor="alice"):
-            holding.set()
-            release.wait(30)
-
-    t = threading.Thread(target=deploying)
-    t.start()
-    try:
-        assert holding.wait(10)
+    with held_elsewhere("lease-adapters", "alice"):
         with pytest.raises(store.DeployInProgress, match="being deployed by alice"):
             adapters.load_into_endpoint("lease-adapters", "models:/demo/2")
         with pytest.raises(store.DeployInProgress, match="being deployed by alice"):
             adapters.unload_from_endpoint("lease-adapters", "demo-v2")
-    finally:
-        release.set()
-        t.join(10)
