@@ -1017,14 +1017,7 @@ class DeployInProgress(DeployError):
     """Another deploy of the same endpoint holds the lease."""
 
 
-_held_leases = threading.local()
-
-
-def get_deploy_lease(endpoint: str, engine: Engine | None = None) -> DeployLease:
-    with session_scope(engine) as s:
-        lease = s.get(DeployLease, endpoint)
-    assert lease is not None, f"lease of {endpoint} vanished while held"
-    return lease
+_held_leases = threading.local()  # .by_endpoint: the leases this thread holds, for re-entry
 
 
 def _lease_is_stale(lease: DeployLease, now: datetime) -> bool:
@@ -1041,13 +1034,13 @@ def deploy_lease(endpoint: str, *, actor: str, ttl_s: float = 3600.0,
 
     A lease whose holder died on this host, or which is older than `ttl_s`, is taken over.
     """
-    held_here: set[str] = _held_leases.__dict__.setdefault("endpoints", set())
+    held_here: dict[str, DeployLease] = _held_leases.__dict__.setdefault("by_endpoint", {})
     if endpoint in held_here:  # re-entrant within a thread: rollback holds it around its deploy
-        yield get_deploy_lease(endpoint, engine)
+        yield held_here[endpoint]
         return
     now = utcnow()
-    me = DeployLease(endpoint=endpoint, holder=actor, host=socket.gethostname(), pid=os.getpid(),
-                     acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+    fields = dict(endpoint=endpoint, holder=actor, host=socket.gethostname(), pid=os.getpid(),
+                  acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
     eng = engine or get_engine()
     for _ in range(3):
         try:
@@ -1063,18 +1056,17 @@ def deploy_lease(endpoint: str, *, actor: str, ttl_s: float = 3600.0,
                 if held is not None:
                     s.delete(held)
                     s.flush()
-                s.add(DeployLease(**{c: getattr(me, c) for c in ("endpoint", "holder", "host", "pid",
-                                                                    "acquired_at", "expires_at")}))
+                s.add(DeployLease(**fields))
             break
         except IntegrityError:  # another deploy inserted its lease between our read and our insert
             continue
     else:
         raise DeployInProgress(f"endpoint {endpoint!r}: another deploy took the lease at the same moment; retry")
-    held_here.add(endpoint)
+    me = held_here[endpoint] = DeployLease(**fields)  # detached: the row is this lease's record
     try:
         yield me
     finally:
-        held_here.discard(endpoint)
+        del held_here[endpoint]
         with session_scope(eng) as s:
             s.execute(delete(DeployLease).where(DeployLease.endpoint == endpoint, DeployLease.pid == me.pid,
                                                 DeployLease.host == me.host,
