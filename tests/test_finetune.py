@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from testing_utils import small_config
 
 from demo import data as demo_data
 from tasks.errors import ConfigError, FinetuneError
@@ -20,8 +21,6 @@ from tasks.finetune import (
     ContaminationError,
     ContaminationSettings,
     DataSource,
-    FinetuneConfig,
-    LoraSettings,
     check_contamination,
     finetune,
     load_config,
@@ -33,27 +32,6 @@ from tasks.finetune import (
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "ft-demo"
-
-
-def small_config(data_dir: Path, base_model: str, **kw) -> FinetuneConfig:
-    """A few steps on the demo task: enough for the loss to fall and the outputs to change."""
-    fields = dict(
-        base_model=base_model,
-        train=[DataSource(path=data_dir / "train.jsonl"), DataSource(path=data_dir / "tools_train.jsonl")],
-        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-        max_steps=16,
-        learning_rate=3e-3,
-        batch_size=8,
-        eval_fraction=0.05,
-        eval_steps=8,
-        logging_steps=1,
-        cpu_threads=1,
-        progress=False,
-        seed=0,
-        lr_scheduler="constant",
-    )
-    fields.update(kw)
-    return FinetuneConfig(**fields)
 
 
 # ------------------------------------------------------------------------------------------ config + refusals

@@ -398,14 +398,13 @@ def test_an_adapter_reaches_every_ray_replica_through_a_blue_green_redeploy(
     demo_version: str, demo_data_dir: Path, target: RayTarget, client: openai.OpenAI
 ):
     """A runtime load would reach one Serve replica, and replicas Serve adds or replaces would lack it."""
-    from tasks.adapters import load_into_endpoint
-    from tasks.finetune import DataSource, FinetuneConfig, LoraSettings, finetune
+    from testing_utils import small_config
 
-    cfg = FinetuneConfig(
-        base_model=f"models:/demo/{demo_version}", train=[DataSource(path=demo_data_dir / "train.jsonl")],
-        lora=LoraSettings(r=8, alpha=16, dropout=0.0), max_steps=4, batch_size=8, eval_fraction=0.05,
-        eval_steps=4, logging_steps=1, cpu_threads=1, progress=False, seed=0,
-    )
+    from tasks.adapters import load_into_endpoint
+    from tasks.finetune import DataSource, finetune
+
+    cfg = small_config(demo_data_dir, f"models:/demo/{demo_version}", max_steps=4, eval_steps=4,
+                       train=[DataSource(path=demo_data_dir / "train.jsonl")])
     tuned = finetune(cfg)
     old = live_app()
     t0 = time.monotonic()
