@@ -81,7 +81,7 @@ def main() -> int:
     from tasks.registry import register_model
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
-    from tasks.settings import PROJECT_ROOT
+    from tasks.core.settings import PROJECT_ROOT
 
     numbers: dict[str, object] = {}
     if args.version:

@@ -190,7 +190,7 @@ def serve_and_read(model_dir: Path, max_model_len: int, name: str) -> tuple[int 
     """Start vLLM on the model (CPU, eager, fp32), read its logged KV capacity, stop it."""
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     target = LocalTarget()
     env = {"VLLM_CPU_KVCACHE_SPACE": f"{get_settings().cpu_kvcache_space_gib:g}"}
@@ -214,7 +214,7 @@ def serve_and_read(model_dir: Path, max_model_len: int, name: str) -> tuple[int 
 
 def demo_tokenizer_dir() -> Path:
     from demo.build import build_demo_model
-    from tasks.settings import PROJECT_ROOT
+    from tasks.core.settings import PROJECT_ROOT
 
     cache = Path(os.environ.get("LLMHOST_DEMO_CACHE", PROJECT_ROOT / ".llmhost" / "demo"))
     if (cache / "model" / "config.json").exists() and (cache / "model" / "tokenizer.json").exists():

@@ -245,7 +245,7 @@ def _train(model: Any, examples: list[tuple[list[int], int]], steps: int, cfg: D
 
 
 def default_demo_dir() -> Path:
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     return get_settings().home_abs / "demo"
 

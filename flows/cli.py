@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from tasks.errors import LlmhostError
+from tasks.core.errors import LlmhostError
 
 app = typer.Typer(
     name="llmhost",

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks import endpoints
 from tasks.endpoints import DeployResult, DeployStartError, EndpointSpec
-from tasks.errors import DeployError
+from tasks.core.errors import DeployError
 
 
 def _start_failed(task: Any, task_run: Any, state: Any) -> bool:

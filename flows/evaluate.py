@@ -108,7 +108,7 @@ def evaluate_flow(
 ) -> EvalFlowResult:
     """One target: scores and pass thresholds. Two targets (candidate, baseline): the replace verdict."""
     if len(targets) not in (1, 2):
-        from tasks.errors import EvalError
+        from tasks.core.errors import EvalError
 
         raise EvalError(f"targets={targets!r}: give one target, or two (candidate then baseline)")
     if len(targets) == 1:

@@ -135,7 +135,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
     from tasks.finetune import trainable_base
     from tasks.promotion import decide
     from tasks.registry import resolve_model_ref
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     log = get_run_logger()
     timings: list[StepTiming] = []

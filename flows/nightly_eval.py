@@ -14,7 +14,7 @@ def nightly_eval(endpoint: str = "demo", suite: str = "demo_routing", frontier: 
     """Compares endpoint:<endpoint> with the frontier; fails (and says why) when READY turns into NOT YET."""
     from flows.lifecycle import evaluate
     from tasks import lifecycle as steps
-    from tasks.tracking import get_or_create_experiment, mlflow_client
+    from tasks.core.tracking import get_or_create_experiment, mlflow_client
 
     log = get_run_logger()
     ok, why = steps.frontier_available(frontier)

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.dashboard import mount as mount_dashboard
 from gateway.protocol import ApiError
 from gateway.proxy import Gateway, error_response
-from tasks.settings import Settings, get_settings
+from tasks.core.settings import Settings, get_settings
 from tasks.store import get_engine
 
 log = logging.getLogger("llmhost.gateway")

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from gateway.protocol import ApiError
 from tasks import store
-from tasks.errors import AccessError
+from tasks.core.errors import AccessError
 
 _NEGATIVE_TTL_S = 5.0
 _MAX_ENTRIES = 10_000

@@ -41,7 +41,7 @@ from gateway.protocol import (
 from gateway.routing import ReplicaPool, probe_all
 from gateway.upstream import ConnectFailed, Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout
 from tasks import store
-from tasks.settings import Settings, get_settings
+from tasks.core.settings import Settings, get_settings
 
 log = logging.getLogger("llmhost.gateway")
 

@@ -58,7 +58,7 @@ def main() -> int:
     from tasks.endpoints import deploy, load_spec, stop_endpoint
     from tasks.registry import register_model
     from tasks.serving.local import free_port
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     built = build_demo_model(demo_dir)
     reg = register_model(f"path:{built.model_dir}", "demo")

@@ -21,9 +21,9 @@ import httpx
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.errors import ConfigError, ServingError
+from tasks.core.errors import ConfigError, ServingError
 from tasks.serving.base import Replica, VllmArgs
-from tasks.settings import get_settings
+from tasks.core.settings import get_settings
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"

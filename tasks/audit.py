@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tasks.errors import LlmhostError
+from tasks.core.errors import LlmhostError
 from tasks.store import AuditEntry, get_engine, session_scope
 
 GENESIS = "0" * 64

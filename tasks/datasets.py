@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.errors import ConfigError
-from tasks.settings import get_settings
+from tasks.core.errors import ConfigError
+from tasks.core.settings import get_settings
 
 EVENT = "llmhost.dataset.updated"
 

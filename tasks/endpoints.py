@@ -16,8 +16,8 @@ import httpx
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks import audit, store
-from tasks.errors import ConfigError, DeployError, ReplicaStartError
-from tasks.inputs import load_yaml_model
+from tasks.core.errors import ConfigError, DeployError, ReplicaStartError
+from tasks.core.inputs import load_yaml_model
 from tasks.serving.base import Dtype, KvCacheDtype, Quantization, Replica, Target, VllmArgs
 from tasks.serving.local import LocalTarget, has_cuda_gpu
 from tasks.serving.ray import RaySettings, RayTarget, device_for

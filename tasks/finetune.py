@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.errors import ConfigError, FinetuneError
-from tasks.inputs import load_yaml_model, read_jsonl
-from tasks.settings import PROJECT_ROOT, get_settings
+from tasks.core.errors import ConfigError, FinetuneError
+from tasks.core.inputs import load_yaml_model, read_jsonl
+from tasks.core.settings import PROJECT_ROOT, get_settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -922,7 +922,7 @@ def finetune(cfg: FinetuneConfig, *, log: Callable[[str], None] = print) -> Fine
     """Contamination check -> LoRA training -> MLflow run -> logged adapter (reload-checked) -> version."""
     import mlflow
 
-    from tasks.tracking import get_or_create_experiment, mlflow_client
+    from tasks.core.tracking import get_or_create_experiment, mlflow_client
 
     preflight(cfg)
     data = load_training_data(cfg)

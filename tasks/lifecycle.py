@@ -17,9 +17,9 @@ import httpx
 from pydantic import BaseModel, Field
 
 from tasks import audit, store
-from tasks.errors import ConfigError, ServingError
+from tasks.core.errors import ConfigError, ServingError
 from tasks.promotion import PromotionPolicy
-from tasks.settings import PROJECT_ROOT, get_settings
+from tasks.core.settings import PROJECT_ROOT, get_settings
 
 
 class LifecycleParams(BaseModel):
@@ -108,7 +108,7 @@ def cache_key(step: str, *parts: str) -> str:
 def ensure_champion(name: str, version: str, *, actor: str) -> str:
     """Sets `champion` to `version` when the model has none yet; returns the champion version."""
     from tasks.promotion import current_aliases
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     aliases = current_aliases(name)
     if "champion" in aliases:
@@ -236,7 +236,7 @@ def _f(v: float | None) -> str:
 
 def start_parent_run(name: str) -> str:
     """The lifecycle's MLflow run; steps' runs are attached to it with the `mlflow.parentRunId` tag."""
-    from tasks.tracking import configure_mlflow, get_or_create_experiment, mlflow_client
+    from tasks.core.tracking import configure_mlflow, get_or_create_experiment, mlflow_client
 
     configure_mlflow()
     exp = get_or_create_experiment("llmhost-lifecycle")
@@ -246,7 +246,7 @@ def start_parent_run(name: str) -> str:
 
 def attach_runs(parent_run_id: str, run_ids: list[str]) -> None:
     """Nests the steps' runs under the lifecycle run in the MLflow UI."""
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     client = mlflow_client()
     for rid in run_ids:
@@ -255,7 +255,7 @@ def attach_runs(parent_run_id: str, run_ids: list[str]) -> None:
 
 
 def end_parent_run(run_id: str, summary: LifecycleSummary, status: str = "FINISHED") -> None:
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     client = mlflow_client()
     for k, v in {"base_score": summary.base_score, "tuned_score": summary.tuned_score}.items():

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from tasks import audit
-from tasks.errors import ConfigError, PromotionError
+from tasks.core.errors import ConfigError, PromotionError
 from tasks.evaluation.compare import Comparison, MetricComparison
 
 
@@ -105,7 +105,7 @@ class PromotionRecord(BaseModel):
 
 
 def current_aliases(name: str) -> dict[str, str]:
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     rm = mlflow_client().get_registered_model(name)
     return {k: str(v) for k, v in (rm.aliases or {}).items()}
@@ -114,7 +114,7 @@ def current_aliases(name: str) -> dict[str, str]:
 def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
                  evidence: dict[str, Any] | None = None) -> PromotionRecord:
     """champion -> version, challenger -> the previous champion; one audit entry links the evidence."""
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     client = mlflow_client()
     try:
@@ -143,7 +143,7 @@ def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
     before = current_aliases(name)
     if "challenger" not in before:
         raise PromotionError(f"{name} has no challenger alias: there is no previous champion to restore")
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     client = mlflow_client()
     client.set_registered_model_alias(name, "champion", before["challenger"])

@@ -30,9 +30,9 @@ from typing import Any, Literal
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.errors import ConfigError, LlmhostError, RegistryError
-from tasks.settings import get_settings
-from tasks.tracking import experiment_scope, get_or_create_experiment, mlflow_client
+from tasks.core.errors import ConfigError, LlmhostError, RegistryError
+from tasks.core.settings import get_settings
+from tasks.core.tracking import experiment_scope, get_or_create_experiment, mlflow_client
 from tasks.vllm_compat import CompatResult, check_architectures, supported_architectures
 
 REGISTRY_EXPERIMENT = "llmhost-registry"

@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.errors import ConfigError, SizingError
+from tasks.core.errors import ConfigError, SizingError
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -15,8 +15,8 @@ import yaml
 from prefect import task
 from pydantic import ValidationError
 
-from tasks.errors import ConfigError
-from tasks.settings import Settings, get_settings
+from tasks.core.errors import ConfigError
+from tasks.core.settings import Settings, get_settings
 from tasks.sizing import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier, estimate_memory
 
 TIERS_PATH = Path(__file__).with_name("tiers.yaml")

@@ -47,8 +47,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from tasks.errors import AccessError, ConfigError, DeployError, GatewayError
-from tasks.settings import get_settings
+from tasks.core.errors import AccessError, ConfigError, DeployError, GatewayError
+from tasks.core.settings import get_settings
 
 KEY_PREFIX = "llmh"
 _KEY_RE = re.compile(r"^llmh-([0-9a-f]{8})-([A-Za-z0-9_\-]{20,})$")

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.errors import RegistryError
-from tasks.settings import get_settings
+from tasks.core.errors import RegistryError
+from tasks.core.settings import get_settings
 
 FALLBACK_PATH = Path(__file__).with_name("vllm_archs_fallback.json")
 PROBE_MARKER = "LLMHOST_VLLM_ARCHS="

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import PROJECT_ROOT
+from tasks.core.settings import PROJECT_ROOT
 
 # Set before anything imports mlflow/transformers/prefect, so no test reaches for a hub or telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

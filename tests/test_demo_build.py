@@ -39,7 +39,7 @@ def test_train_and_eval_share_no_example():
 
 
 def test_committed_eval_split_matches_the_generator():
-    from tasks.settings import PROJECT_ROOT
+    from tasks.core.settings import PROJECT_ROOT
 
     committed = (PROJECT_ROOT / "eval_suites" / "data" / "demo_routing_eval.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in committed] == data.routing_rows("eval")

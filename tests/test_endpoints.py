@@ -30,9 +30,9 @@ from tasks.endpoints import (
     plan_revision,
     rollback,
 )
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 from tasks.serving.local import pid_alive
-from tasks.settings import PROJECT_ROOT, get_settings
+from tasks.core.settings import PROJECT_ROOT, get_settings
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo.yaml"
 WEATHER = "what is the weather in paris ?"
@@ -123,7 +123,7 @@ class Hammer:
 def demo_version(demo_model_dir: Path) -> str:
     """The demo model registered as `demo`, alias champion -> that version."""
     from tasks.registry import register_model
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
     mlflow_client().set_registered_model_alias("demo", "champion", reg.version)
@@ -397,7 +397,7 @@ def test_a_fine_tuned_adapter_version_deploys_as_base_plus_lora(
     client: openai.OpenAI, demo_version: str, demo_data_dir: Path
 ):
     from tasks.finetune import DataSource, FinetuneConfig, LoraSettings, finetune
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     # A real (tiny) fine-tune, registered by the fine-tune module as an adapter version of `demo`.
     cfg = FinetuneConfig(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.errors import EvalError
+from tasks.core.errors import EvalError
 from tasks.evaluation.compare import (
     bootstrap_ci,
     compare,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import EvalError
+from tasks.core.errors import EvalError
 from tasks.evaluation.metrics import tool_call_scores
 from tasks.evaluation.runner import run_suite
 from tasks.evaluation.suite import load
@@ -182,7 +182,7 @@ def test_compare_logs_runs_tables_traces_and_report(
     import mlflow
 
     from tasks.evaluation.mlflow_log import EXAMPLES_TABLE, compare_targets, experiment_name
-    from tasks.tracking import configure_mlflow
+    from tasks.core.tracking import configure_mlflow
 
     loaded = load("demo_routing", limit=30)
     out = compare_targets(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.errors import EvalError
+from tasks.core.errors import EvalError
 from tasks.evaluation.suite import SUITES_DIR, SuiteError, load, load_examples, load_suite
 from tasks.evaluation.targets import TargetKeyError, load_frontiers, resolve_target
 

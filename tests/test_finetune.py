@@ -16,7 +16,7 @@ import yaml
 from testing_utils import small_config
 
 from demo import data as demo_data
-from tasks.errors import ConfigError, FinetuneError
+from tasks.core.errors import ConfigError, FinetuneError
 from tasks.finetune import (
     ContaminationError,
     ContaminationSettings,
@@ -180,7 +180,7 @@ def test_finetune_logs_run_and_registers_a_new_version_with_tags(finetuned, base
     from mlflow import MlflowClient
 
     from tasks.finetune import config_hash
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     cfg, res = finetuned
     client: MlflowClient = mlflow_client()
@@ -240,7 +240,7 @@ def test_cli_runs_the_retrain_flow_from_a_yaml_config(base_version, demo_data_di
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["finetune", "--config", str(path), "--max-steps", "4", "--json"]) == 0
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     client = mlflow_client()
     versions = client.search_model_versions(f"name = '{MODEL_NAME}' and tags.adapter = 'true'")

@@ -420,7 +420,7 @@ def test_audit_chain_verifies_after_all_of_the_above():
 
 
 def test_raw_keys_never_reach_the_store_logs_or_audit(gateway: ThreadedGateway, log_file: Path):
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     assert len(RAW_KEYS) >= 8
     db = Path(get_settings().home_abs) / "llmhost.db"

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from tasks.endpoints import EndpointSpec, load_spec, plan_revision
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 from tasks.serving.k8s import K8sOptions, pod_args, render_endpoint, validate_manifest
 from tasks.serving.ray import RayTarget
-from tasks.settings import PROJECT_ROOT
+from tasks.core.settings import PROJECT_ROOT
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 
@@ -23,7 +23,7 @@ SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
     from tasks.registry import register_model
-    from tasks.tracking import mlflow_client
+    from tasks.core.tracking import mlflow_client
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
     mlflow_client().set_registered_model_alias("demo", "champion", reg.version)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tasks.serving.local import free_port
-from tasks.settings import PROJECT_ROOT
+from tasks.core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
@@ -30,7 +30,7 @@ def gateway_port():
     os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
     yield port
     from tasks import endpoints, store
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     for ep in store.list_endpoints():
         if ep.name.startswith("demo"):
@@ -46,7 +46,7 @@ def gateway_port():
 
 
 def _finetune_runs() -> int:
-    from tasks.tracking import configure_mlflow, mlflow_client
+    from tasks.core.tracking import configure_mlflow, mlflow_client
 
     configure_mlflow()
     client = mlflow_client()

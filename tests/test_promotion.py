@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tasks.errors import PromotionError
+from tasks.core.errors import PromotionError
 from tasks.evaluation.compare import Comparison, CostEstimate, Interval, MetricComparison, RunSide, Verdict
 from tasks.evaluation.runner import RunStats
 from tasks.promotion import PromotionPolicy, decide
@@ -59,7 +59,7 @@ def test_latency_limit_rejects_a_slow_candidate():
 
 
 def test_unknown_policy_metric_names_the_valid_ones():
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="accuracy, macro_f1"):
         decide(_cmp((0.3, 0.2, 0.4)), PromotionPolicy(must_improve=["bleu"]))
@@ -70,7 +70,7 @@ def two_versions():
     """A registered model with two versions (same weights registered under two names' sources)."""
     import mlflow
 
-    from tasks.tracking import configure_mlflow, mlflow_client
+    from tasks.core.tracking import configure_mlflow, mlflow_client
 
     configure_mlflow()
     client = mlflow_client()

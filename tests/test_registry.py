@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigError, LlmhostError, RegistryError
+from tasks.core.errors import ConfigError, LlmhostError, RegistryError
 from tasks.registry import (
     MODEL_FILE_PATTERNS,
     RegisteredVersion,
@@ -26,8 +26,8 @@ from tasks.registry import (
     register_model_task,
     resolve_model_ref,
 )
-from tasks.settings import PROJECT_ROOT, get_settings
-from tasks.tracking import get_or_create_experiment, mlflow_client
+from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.core.tracking import get_or_create_experiment, mlflow_client
 from tasks.vllm_compat import check_architectures, load_fallback, supported_architectures
 
 RUNTIME_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"

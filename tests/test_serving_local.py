@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from tasks.errors import ReplicaStartError
+from tasks.core.errors import ReplicaStartError
 from tasks.serving.base import VllmArgs
 from tasks.serving.local import LocalTarget, error_summary, parse_startup_log
 

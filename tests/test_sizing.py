@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.errors import ConfigError, SizingError
+from tasks.core.errors import ConfigError, SizingError
 from tasks.sizing import (
     GiB,
     MemoryEstimate,

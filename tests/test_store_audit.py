@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tasks import audit, store
-from tasks.errors import AccessError, ConfigError, GatewayError
+from tasks.core.errors import AccessError, ConfigError, GatewayError
 
 
 @pytest.fixture()
@@ -307,7 +307,7 @@ def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys:
     import yaml
 
     from flows.cli import main
-    from tasks.settings import PROJECT_ROOT
+    from tasks.core.settings import PROJECT_ROOT
 
     raw = yaml.safe_load((PROJECT_ROOT / "deployments" / "demo.yaml").read_text())
     spec = tmp_path / "lease-demo.yaml"

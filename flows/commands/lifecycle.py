@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Make VERSION the champion by hand (audited as forced); the policy path runs in `lifecycle`."""
         from tasks.audit import default_actor
-        from tasks.errors import ConfigError
+        from tasks.core.errors import ConfigError
         from tasks.promotion import move_aliases
 
         if not force:
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
             """What served ENDPOINT at WHEN, and on which eval evidence it was promoted."""
             from datetime import UTC, datetime
 
-            from tasks.errors import ConfigError
+            from tasks.core.errors import ConfigError
             from tasks.promotion import served_at
 
             try:

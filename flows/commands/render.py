@@ -29,7 +29,7 @@ def k8s(
 
     from tasks import store
     from tasks.endpoints import load_spec, pinned_spec, plan_revision
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
     from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, dump_manifests, k8s_name, render_endpoint
 
     path = Path(endpoint)

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        from tasks.errors import SizingError
+        from tasks.core.errors import SizingError
         from tasks.sizing import GiB, not_fit_line
         from tasks.sizing_io import load_tiers, make_request, size_model
 

@@ -17,8 +17,8 @@ from sqlalchemy import Engine, select
 
 from gateway.dashboard.tables import DashboardAdmin, ensure_tables
 from tasks import audit, store
-from tasks.errors import ConfigError
-from tasks.settings import get_settings
+from tasks.core.errors import ConfigError
+from tasks.core.settings import get_settings
 
 COOKIE = "llmhost_ui"
 SESSION_MAX_AGE_S = 12 * 3600

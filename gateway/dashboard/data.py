@@ -629,7 +629,7 @@ def model_aliases(versions: set[str]) -> dict[str, str]:
     try:
         from mlflow import MlflowClient
 
-        from tasks.settings import get_settings
+        from tasks.core.settings import get_settings
 
         client = MlflowClient(tracking_uri=get_settings().mlflow_uri, registry_uri=get_settings().mlflow_uri)
         out = {}

@@ -24,7 +24,7 @@ from gateway.dashboard.sampler import Sampler
 from gateway.dashboard.snippets import KEY_ENV, snippets
 from gateway.dashboard.tables import ensure_tables
 from tasks import store
-from tasks.errors import AccessError, GatewayError
+from tasks.core.errors import AccessError, GatewayError
 
 log = logging.getLogger("llmhost.gateway.dashboard")
 HERE = Path(__file__).parent

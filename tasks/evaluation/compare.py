@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, Field
 
-from tasks.errors import EvalError
+from tasks.core.errors import EvalError
 from tasks.evaluation.metrics import ScoreColumn
 from tasks.evaluation.runner import RunResult, RunStats
 from tasks.evaluation.suite import (
@@ -23,7 +23,7 @@ from tasks.evaluation.suite import (
     ToolCall,
 )
 from tasks.evaluation.targets import Pricing
-from tasks.settings import PROJECT_ROOT
+from tasks.core.settings import PROJECT_ROOT
 
 N_BOOT = 2000
 TIERS_FILE = PROJECT_ROOT / "tasks" / "tiers.yaml"

@@ -32,7 +32,7 @@ from tasks.evaluation.compare import (
 from tasks.evaluation.runner import ExampleRecord, RunResult, run_suite
 from tasks.evaluation.suite import LoadedSuite
 from tasks.evaluation.targets import ResolvedTarget, resolve_target
-from tasks.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
+from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 
 EXAMPLES_TABLE = "eval_examples.json"
 

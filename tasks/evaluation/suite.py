@@ -16,9 +16,9 @@ from jinja2 import StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from tasks.errors import ConfigError, EvalError
-from tasks.inputs import read_jsonl
-from tasks.settings import PROJECT_ROOT
+from tasks.core.errors import ConfigError, EvalError
+from tasks.core.inputs import read_jsonl
+from tasks.core.settings import PROJECT_ROOT
 
 SUITES_DIR = PROJECT_ROOT / "eval_suites"
 

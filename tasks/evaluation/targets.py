@@ -16,9 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import AccessError, EvalError
+from tasks.core.errors import AccessError, EvalError
 from tasks.evaluation.suite import SUITES_DIR, SuiteError
-from tasks.settings import get_settings
+from tasks.core.settings import get_settings
 
 FRONTIERS_FILE = SUITES_DIR / "frontiers.yaml"
 GATEWAY_KEY_ENV = "LLMHOST_API_KEY"

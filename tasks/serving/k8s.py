@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 from tasks.serving.base import VllmArgs
 from tasks.serving.ray import RaySettings, app_config, deploy_config, runtime_env_vars
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from tasks.errors import ReplicaStartError, ServingError
+from tasks.core.errors import ReplicaStartError, ServingError
 from tasks.serving.base import Replica, ReplicaState, VllmArgs
-from tasks.settings import get_settings
+from tasks.core.settings import get_settings
 
 _KV_RE = re.compile(r"(?:CPU|GPU) KV cache size:\s*([\d,]+)\s*tokens")
 _CONC_RE = re.compile(r"Maximum concurrency for\s*([\d,]+)\s*tokens per request:\s*([\d.]+)x")

@@ -26,10 +26,10 @@ import httpx
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.errors import ConfigError, ReplicaStartError, ServingError
+from tasks.core.errors import ConfigError, ReplicaStartError, ServingError
 from tasks.serving.base import Replica, ReplicaState, VllmArgs
 from tasks.serving.local import has_cuda_gpu, parse_startup_log
-from tasks.settings import PROJECT_ROOT, get_settings
+from tasks.core.settings import PROJECT_ROOT, get_settings
 
 Device = Literal["cpu", "gpu"]
 CODE_DIR = PROJECT_ROOT / "llmhost_serve"

@@ -58,3 +58,10 @@ class PromotionError(LlmhostError):
 
 class DeployError(LlmhostError):
     """A deploy stopped before switching traffic."""
+
+
+class TransientError(LlmhostError):
+    """A failure that may pass on a retry (a host not reachable, a port race); the only kind Prefect retries.
+
+    Subclass it together with the step's own error, e.g. `class TransientHubError(RegistryError, TransientError)`.
+    """

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from tasks.settings import get_settings
+from tasks.core.settings import get_settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
