@@ -51,8 +51,8 @@ def first_completion(base_url: str, model: str, deadline_s: float = 120.0) -> fl
 
 
 def scores(base_url: str, models: list[str]) -> dict[str, dict[str, float]]:
-    from tasks.evaluation.runner import run_suite
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.runner import run_suite
+    from tasks.evaluate.suite import load
 
     out: dict[str, dict[str, float]] = {}
     for suite, metric in (("demo_routing", "exact_match"), ("demo_tools", "tool_call")):
@@ -76,9 +76,9 @@ def main() -> int:
         os.environ.setdefault("LLMHOST_HOME", tempfile.mkdtemp(prefix="llmhost-bench-"))
 
     from demo.build import build_demo_model
-    from tasks.adapters import hot_load, resolve_adapter, restart_with_adapters
+    from tasks.deploy.adapters import hot_load, resolve_adapter, restart_with_adapters
     from tasks.finetune import DataSource, finetune, load_config
-    from tasks.registry import register_model
+    from tasks.register import register_model
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
     from tasks.core.settings import PROJECT_ROOT
@@ -108,7 +108,7 @@ def main() -> int:
             eval_loss_after=res.eval_loss_after,
         )
     adapter = resolve_adapter(ref)
-    from tasks.registry import resolve_model_ref
+    from tasks.register import resolve_model_ref
 
     base_dir = resolve_model_ref(f"models:/{adapter.name}/{adapter.base_version}").local_dir
     vargs = VllmArgs(

@@ -65,8 +65,8 @@ def main() -> int:
     ap.add_argument("--mlflow", action="store_true", help="Also time MLflow logging of one run (tmp store).")
     args = ap.parse_args()
 
-    from tasks.evaluation.runner import request_params, run_suite_async
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.runner import request_params, run_suite_async
+    from tasks.evaluate.suite import load
 
     replica = target = None
     base_url = args.base_url
@@ -150,7 +150,7 @@ def main() -> int:
         if args.mlflow:
             with tempfile.TemporaryDirectory() as home:
                 os.environ["LLMHOST_HOME"] = home
-                from tasks.evaluation.mlflow_log import evaluate_target
+                from tasks.evaluate.mlflow_log import evaluate_target
 
                 t0 = time.perf_counter()
                 res, run_id = evaluate_target(loaded, spec, concurrency=args.concurrency)

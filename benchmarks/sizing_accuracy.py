@@ -1,7 +1,7 @@
 """Predicted vs vLLM-reported KV cache capacity on the CPU runtime, for tiny models built here.
 
 Each shape is a random-weight model written with transformers (the demo model's tokenizer is reused), served
-by the real vLLM runtime one at a time, and compared against `tasks.sizing`'s prediction for the `cpu` tier.
+by the real vLLM runtime one at a time, and compared against `tasks.size`'s prediction for the `cpu` tier.
 
     .venv/bin/python benchmarks/sizing_accuracy.py [--only NAME ...] [--workdir DIR]
 
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tasks.sizing import MemoryEstimate, estimate_memory  # noqa: E402
-from tasks.sizing_io import load_tiers, make_request, read_model_config, runtime_facts  # noqa: E402
+from tasks.size import MemoryEstimate, estimate_memory  # noqa: E402
+from tasks.size.io import load_tiers, make_request, read_model_config, runtime_facts  # noqa: E402
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import endpoints
-from tasks.endpoints import DeployResult, DeployStartError, EndpointSpec
+from tasks import deploy as endpoints
+from tasks.deploy import DeployResult, DeployStartError, EndpointSpec
 from tasks.core.errors import DeployError
 
 

@@ -6,9 +6,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from tasks.evaluation.compare import pass_checks, summarize
-from tasks.evaluation.mlflow_log import compare_targets, evaluate_target
-from tasks.evaluation.suite import load
+from tasks.evaluate.compare import pass_checks, summarize
+from tasks.evaluate.mlflow_log import compare_targets, evaluate_target
+from tasks.evaluate.suite import load
 
 
 class EvalFlowResult(BaseModel):

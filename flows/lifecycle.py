@@ -16,12 +16,12 @@ from tasks.lifecycle import LifecycleParams, LifecycleSummary, StepTiming
 
 if TYPE_CHECKING:
     # Concrete return types: with `Any`, type checkers pick Prefect's async overload for these tasks.
-    from tasks.adapters import AdapterChange
-    from tasks.endpoints import DeployResult
+    from tasks.deploy.adapters import AdapterChange
+    from tasks.deploy import DeployResult
     from tasks.finetune import FinetuneResult
-    from tasks.promotion import PromotionRecord
-    from tasks.registry import RegisteredVersion
-    from tasks.sizing import MemoryEstimate
+    from tasks.promote import PromotionRecord
+    from tasks.register import RegisteredVersion
+    from tasks.size import MemoryEstimate
 
 # Steps that produce registry entries are cached on content hashes, so a rerun after a failure resumes
 # where it stopped instead of registering or training again.
@@ -42,15 +42,15 @@ def _finetune_key(ctx: TaskRunContext, args: dict[str, Any]) -> str:
 @task(name="register", retries=2, retry_delay_seconds=10, cache_key_fn=_register_key, cache_expiration=CACHE_FOR,
       persist_result=True)
 def register(source: str, name: str) -> RegisteredVersion:
-    from tasks.registry import register_model
+    from tasks.register import register_model
 
     return register_model(source, name)
 
 
 @task(name="size", retries=0)
 def size(model_dir: str, spec_path: str) -> MemoryEstimate:
-    from tasks.endpoints import load_spec
-    from tasks.sizing_io import make_request, size_model
+    from tasks.deploy import load_spec
+    from tasks.size.io import make_request, size_model
 
     spec = load_spec(spec_path)
     est = size_model(model_dir, make_request(
@@ -62,8 +62,8 @@ def size(model_dir: str, spec_path: str) -> MemoryEstimate:
 
 @task(name="deploy", retries=1, retry_delay_seconds=10)
 def deploy(spec_path: str, force: bool = False) -> DeployResult:
-    from tasks.endpoints import deploy as do_deploy
-    from tasks.endpoints import load_spec
+    from tasks.deploy import deploy as do_deploy
+    from tasks.deploy import load_spec
 
     result = do_deploy(load_spec(spec_path), force=force)
     rows = [{"replica": rp.base_url, "check": c.name, "passed": c.passed, "detail": c.detail}
@@ -79,8 +79,8 @@ def deploy(spec_path: str, force: bool = False) -> DeployResult:
 def evaluate(
     suite: str, candidate: str, baseline: str | None, limit: int | None, tier: str | None
 ) -> dict[str, Any]:
-    from tasks.evaluation.mlflow_log import compare_targets, evaluate_target
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.mlflow_log import compare_targets, evaluate_target
+    from tasks.evaluate.suite import load
 
     loaded = load(suite, limit=limit)
     if baseline is None:
@@ -101,14 +101,14 @@ def finetune(config: Any) -> FinetuneResult:
 
 @task(name="load-adapter", retries=2, retry_delay_seconds=5)
 def load_adapter(endpoint: str, version_ref: str, name: str) -> AdapterChange:
-    from tasks.adapters import load_into_endpoint
+    from tasks.deploy.adapters import load_into_endpoint
 
     return load_into_endpoint(endpoint, version_ref, name=name)
 
 
 @task(name="promote", retries=0)
 def promote(model: str, version: str, spec_path: str, evidence: dict[str, Any]) -> PromotionRecord:
-    from tasks.promotion import move_aliases
+    from tasks.promote import move_aliases
 
     record = move_aliases(model, version, actor="lifecycle", evidence=evidence)
     # The spec serves models:/NAME@champion: redeploying moves traffic blue/green with no failed request.
@@ -131,10 +131,10 @@ def _verdict_line(v: Any) -> str:
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary:  # noqa: B008
     """Runs every step in order; a failed step stops the flow with its reason."""
-    from tasks.endpoints import load_spec
+    from tasks.deploy import load_spec
     from tasks.finetune import trainable_base
-    from tasks.promotion import decide
-    from tasks.registry import resolve_model_ref
+    from tasks.promote import decide
+    from tasks.register import resolve_model_ref
     from tasks.core.settings import get_settings
 
     log = get_run_logger()

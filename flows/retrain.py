@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from tasks.adapters import AdapterChange, load_adapter_task
+from tasks.deploy.adapters import AdapterChange, load_adapter_task
 from tasks.finetune import FinetuneConfig, FinetuneResult, contamination_task, finetune_task
 
 

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from tasks.promotion import PromotionPolicy
+from tasks.promote import PromotionPolicy
 
 
 class RetrainOnDataResult(BaseModel):
@@ -35,9 +35,9 @@ def retrain_on_new_data(
     """Triggered by `llmhost.dataset.updated`: trains on the base config's data plus the new dataset."""
     from flows.lifecycle import evaluate, finetune, load_adapter, promote
     from tasks import lifecycle as steps
-    from tasks.endpoints import load_spec
+    from tasks.deploy import load_spec
     from tasks.finetune import DataSource
-    from tasks.promotion import current_aliases, decide
+    from tasks.promote import current_aliases, decide
 
     log = get_run_logger()
     spec = load_spec(endpoint_spec)

@@ -55,8 +55,8 @@ def main() -> int:
     from gateway.app import create_app
     from gateway.dashboard import mount
     from tasks import store
-    from tasks.endpoints import deploy, load_spec, stop_endpoint
-    from tasks.registry import register_model
+    from tasks.deploy import deploy, load_spec, stop_endpoint
+    from tasks.register import register_model
     from tasks.serving.local import free_port
     from tasks.core.tracking import mlflow_client
 

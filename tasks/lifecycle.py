@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.core.errors import ConfigError, ServingError
-from tasks.promotion import PromotionPolicy
+from tasks.promote import PromotionPolicy
 from tasks.core.settings import PROJECT_ROOT, get_settings
 
 
@@ -107,7 +108,7 @@ def cache_key(step: str, *parts: str) -> str:
 
 def ensure_champion(name: str, version: str, *, actor: str) -> str:
     """Sets `champion` to `version` when the model has none yet; returns the champion version."""
-    from tasks.promotion import current_aliases
+    from tasks.promote import current_aliases
     from tasks.core.tracking import mlflow_client
 
     aliases = current_aliases(name)
@@ -164,7 +165,7 @@ def service_key(endpoint: str, *, user: str = "llmhost-lifecycle") -> str:
 def frontier_available(frontier: str | None) -> tuple[bool, str]:
     if not frontier:
         return False, "no frontier configured (set LifecycleParams.frontier, e.g. frontier:gpt-4o-mini)"
-    from tasks.evaluation.targets import resolve_target
+    from tasks.evaluate.targets import resolve_target
 
     target = resolve_target(frontier)
     try:

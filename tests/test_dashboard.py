@@ -22,7 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from threaded_gateway import ThreadedGateway, wait_for
 
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 
 CHROMIUM = os.environ.get("LLMHOST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -103,7 +104,7 @@ def smoke_audit(vllm_server: Any, revision: str) -> bool:
 
 
 def revision_spec(version: int, max_num_seqs: int) -> dict[str, Any]:
-    """A revision identity shaped like tasks.endpoints.plan_revision's."""
+    """A revision identity shaped like tasks.deploy.plan_revision's."""
     return {
         "spec": {
             "name": EP,

@@ -20,8 +20,9 @@ import openai
 import pytest
 from threaded_gateway import ThreadedGateway
 
-from tasks import audit, store
-from tasks.endpoints import (
+from tasks import store
+from tasks.store import audit
+from tasks.deploy import (
     ARCH_TOOL_PARSERS,
     EndpointSpec,
     choose_tool_calling,
@@ -122,7 +123,7 @@ class Hammer:
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
     """The demo model registered as `demo`, alias champion -> that version."""
-    from tasks.registry import register_model
+    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
@@ -154,7 +155,7 @@ def stop_everything_at_the_end() -> Iterator[None]:
         os.environ.pop("LLMHOST_STARTUP_TIMEOUT_S", None)
     else:
         os.environ["LLMHOST_STARTUP_TIMEOUT_S"] = old
-    from tasks.endpoints import stop_endpoint
+    from tasks.deploy import stop_endpoint
 
     for e in store.list_endpoints():
         if e.name not in before:
@@ -335,7 +336,7 @@ def test_redeploying_an_unchanged_spec_is_a_no_op(client: openai.OpenAI, capsys:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # one vLLM start; 1-15 min under parallel load
 def test_a_wrong_tool_parser_leaves_the_old_revision_serving(client: openai.OpenAI):
-    from tasks.endpoints import DeployStartError
+    from tasks.deploy import DeployStartError
 
     old = live_hash()
     # vLLM refuses `mistral` for a tokenizer without [TOOL_CALLS] at start: the deploy stops there.
@@ -456,7 +457,7 @@ def test_rollback_redeploys_the_previous_good_revision(client: openai.OpenAI, de
 @pytest.mark.slow
 def test_endpoints_show_and_stop(client: openai.OpenAI, capsys: pytest.CaptureFixture[str]):
     from flows.cli import main
-    from tasks.endpoints import describe
+    from tasks.deploy import describe
 
     os.environ["COLUMNS"] = "300"
     live = live_hash()

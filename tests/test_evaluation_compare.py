@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.core.errors import EvalError
-from tasks.evaluation.compare import (
+from tasks.evaluate.compare import (
     bootstrap_ci,
     compare,
     frontier_cost,
@@ -21,10 +21,10 @@ from tasks.evaluation.compare import (
     self_hosted_cost,
     tier_hourly_price,
 )
-from tasks.evaluation.metrics import ModelOutput, ScoreColumn, score_all
-from tasks.evaluation.runner import ExampleRecord, RunResult, compute_stats
-from tasks.evaluation.suite import LoadedSuite, load
-from tasks.evaluation.targets import Pricing, ResolvedTarget, TargetInfo
+from tasks.evaluate.metrics import ModelOutput, ScoreColumn, score_all
+from tasks.evaluate.runner import ExampleRecord, RunResult, compute_stats
+from tasks.evaluate.suite import LoadedSuite, load
+from tasks.evaluate.targets import Pricing, ResolvedTarget, TargetInfo
 
 LABELS = ["billing", "shipping", "returns", "technical"]
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import EvalError
-from tasks.evaluation.metrics import tool_call_scores
-from tasks.evaluation.runner import run_suite
-from tasks.evaluation.suite import load
-from tasks.evaluation.targets import TargetKeyError, resolve_target
+from tasks.evaluate.metrics import tool_call_scores
+from tasks.evaluate.runner import run_suite
+from tasks.evaluate.suite import load
+from tasks.evaluate.targets import TargetKeyError, resolve_target
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_tool_suite_through_hermes_parser(standin: str) -> None:
     structured = [r for r in res.records if r.tool_calls]
     assert structured and all(r.finish_reason == "tool_calls" for r in structured)
     for r in res.records:  # scores agree with the metric applied to what the record holds
-        from tasks.evaluation.metrics import ModelOutput
+        from tasks.evaluate.metrics import ModelOutput
 
         row = loaded.examples[r.index].row
         want = tool_call_scores(
@@ -181,7 +181,7 @@ def test_compare_logs_runs_tables_traces_and_report(
 ) -> None:
     import mlflow
 
-    from tasks.evaluation.mlflow_log import EXAMPLES_TABLE, compare_targets, experiment_name
+    from tasks.evaluate.mlflow_log import EXAMPLES_TABLE, compare_targets, experiment_name
     from tasks.core.tracking import configure_mlflow
 
     loaded = load("demo_routing", limit=30)

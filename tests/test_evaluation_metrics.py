@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
-from tasks.evaluation.metrics import (
+from tasks.evaluate.metrics import (
     ModelOutput,
     bleu_stats,
     corpus_bleu_from_stats,
@@ -18,7 +18,7 @@ from tasks.evaluation.metrics import (
     score_all,
     score_example,
 )
-from tasks.evaluation.suite import (
+from tasks.evaluate.suite import (
     Bleu,
     Classification,
     Contains,

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tasks.core.errors import EvalError
-from tasks.evaluation.suite import SUITES_DIR, SuiteError, load, load_examples, load_suite
-from tasks.evaluation.targets import TargetKeyError, load_frontiers, resolve_target
+from tasks.evaluate.suite import SUITES_DIR, SuiteError, load, load_examples, load_suite
+from tasks.evaluate.targets import TargetKeyError, load_frontiers, resolve_target
 
 GOOD = """\
 name: tiny

@@ -132,7 +132,7 @@ def test_loss_is_masked_to_assistant_tokens(demo_model_dir: Path, demo_data_dir:
 
 @pytest.fixture(scope="module")
 def base_version(demo_model_dir: Path):
-    from tasks.registry import register_model
+    from tasks.register import register_model
 
     return register_model(f"path:{demo_model_dir}", MODEL_NAME)
 
@@ -211,7 +211,7 @@ def test_registered_adapter_reloads_with_identical_logits(finetuned, demo_model_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.adapters import resolve_adapter
+    from tasks.deploy.adapters import resolve_adapter
 
     _, res = finetuned
     adapter = resolve_adapter(f"models:/{MODEL_NAME}/{res.registered_version}")
@@ -310,8 +310,8 @@ def _answers(client: openai.OpenAI, model: str) -> list[str]:
 
 @pytest.mark.slow
 def test_hot_load_into_running_vllm_then_unload(lora_server, finetuned):
-    from tasks import audit
-    from tasks.adapters import hot_load, hot_unload, resolve_adapter, served_adapters
+    from tasks.store import audit
+    from tasks.deploy.adapters import hot_load, hot_unload, resolve_adapter, served_adapters
 
     _, res = finetuned
     adapter = resolve_adapter(f"models:/{MODEL_NAME}/{res.registered_version}")
@@ -345,7 +345,8 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 
     from flows.cli import main
     from gateway.app import create_app
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
     from tasks.serving.local import free_port
 
     _, res = finetuned
@@ -394,9 +395,9 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(
     lora_server, base_version, demo_data_dir: Path
 ):
     """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner."""
-    from tasks.adapters import hot_load, resolve_adapter
-    from tasks.evaluation.runner import run_suite
-    from tasks.evaluation.suite import load
+    from tasks.deploy.adapters import hot_load, resolve_adapter
+    from tasks.evaluate.runner import run_suite
+    from tasks.evaluate.suite import load
 
     cfg = load_config(ROOT / "demo" / "finetune.yaml")
     cfg = cfg.model_copy(

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from threaded_gateway import ThreadedGateway, wait_for
 
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.serving.local import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.endpoints import EndpointSpec, load_spec, plan_revision
+from tasks.deploy import EndpointSpec, load_spec, plan_revision
 from tasks.core.errors import ConfigError
 from tasks.serving.k8s import K8sOptions, pod_args, render_endpoint, validate_manifest
 from tasks.serving.ray import RayTarget
@@ -22,7 +22,7 @@ SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
-    from tasks.registry import register_model
+    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
 
     reg = register_model(f"path:{demo_model_dir}", "demo")

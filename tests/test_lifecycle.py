@@ -29,7 +29,7 @@ def gateway_port():
     old = os.environ.get("LLMHOST_GATEWAY_PORT")
     os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
     yield port
-    from tasks import endpoints, store
+    from tasks import deploy as endpoints, store
     from tasks.core.settings import get_settings
 
     for ep in store.list_endpoints():
@@ -57,7 +57,7 @@ def _finetune_runs() -> int:
 def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir, gateway_port):
     from flows.lifecycle import lifecycle
     from tasks.lifecycle import LifecycleParams
-    from tasks.promotion import current_aliases
+    from tasks.promote import current_aliases
 
     before = _finetune_runs()
     # The suite is first needed after fine-tuning: this run fails there, with the reason.
@@ -96,7 +96,8 @@ def test_champion_serves_the_endpoint_through_the_gateway(gateway_port):
     import openai
 
     from demo import data
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     key = store.create_key("alice", team="ml-platform", actor="test").raw
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key=key, max_retries=0)
@@ -117,7 +118,7 @@ def test_champion_serves_the_endpoint_through_the_gateway(gateway_port):
 def test_audit_at_answers_what_served_and_on_which_evidence(gateway_port):
     from datetime import UTC, datetime
 
-    from tasks.promotion import served_at
+    from tasks.promote import served_at
 
     now = served_at("demo", datetime.now(UTC))
     assert now.model_version and now.model_version.startswith("demo/")

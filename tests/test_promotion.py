@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import pytest
 
 from tasks.core.errors import PromotionError
-from tasks.evaluation.compare import Comparison, CostEstimate, Interval, MetricComparison, RunSide, Verdict
-from tasks.evaluation.runner import RunStats
-from tasks.promotion import PromotionPolicy, decide
+from tasks.evaluate.compare import Comparison, CostEstimate, Interval, MetricComparison, RunSide, Verdict
+from tasks.evaluate.runner import RunStats
+from tasks.promote import PromotionPolicy, decide
 
 
 def _iv(v: float, lo: float, hi: float) -> Interval:
@@ -85,8 +85,8 @@ def two_versions():
 
 
 def test_promote_moves_champion_and_challenger_and_rollback_restores(two_versions):
-    from tasks import audit
-    from tasks.promotion import current_aliases, move_aliases, rollback_aliases
+    from tasks.store import audit
+    from tasks.promote import current_aliases, move_aliases, rollback_aliases
 
     name, v1, v2 = two_versions
     rec = move_aliases(name, v2, actor="alice", evidence={"eval_runs": ["run-a", "run-b"]})
@@ -102,8 +102,9 @@ def test_promote_moves_champion_and_challenger_and_rollback_restores(two_version
 
 
 def test_served_at_reads_the_route_and_its_promotion_evidence():
-    from tasks import audit, store
-    from tasks.promotion import served_at
+    from tasks import store
+    from tasks.store import audit
+    from tasks.promote import served_at
 
     ep = f"ep-{int(time.time() * 1000)}"
     store.upsert_endpoint(ep, actor="ops")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import ConfigError, LlmhostError, RegistryError
-from tasks.registry import (
+from tasks.register import (
     MODEL_FILE_PATTERNS,
     RegisteredVersion,
     find_version_by_hash,
@@ -28,7 +28,7 @@ from tasks.registry import (
 )
 from tasks.core.settings import PROJECT_ROOT, get_settings
 from tasks.core.tracking import get_or_create_experiment, mlflow_client
-from tasks.vllm_compat import check_architectures, load_fallback, supported_architectures
+from tasks.register.vllm_compat import check_architectures, load_fallback, supported_architectures
 
 RUNTIME_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 needs_runtime = pytest.mark.skipif(not RUNTIME_PYTHON.exists(), reason="no vLLM runtime venv (make runtime)")
@@ -453,7 +453,7 @@ def test_fallback_list_only_without_runtime(tmp_path: Path) -> None:
 
 
 def test_param_counts_from_config_match_safetensors(tiny_model_dir: Path) -> None:
-    from tasks.registry import read_safetensors_header
+    from tasks.register import read_safetensors_header
 
     config = json.loads((tiny_model_dir / "config.json").read_text())
     headers = [read_safetensors_header(f) for f in tiny_model_dir.glob("*.safetensors")]

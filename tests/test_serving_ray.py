@@ -28,7 +28,7 @@ import pytest
 from threaded_gateway import ThreadedGateway
 
 from tasks import store
-from tasks.endpoints import EndpointSpec, load_spec, plan_revision
+from tasks.deploy import EndpointSpec, load_spec, plan_revision
 from tasks.core.errors import ConfigError
 from tasks.serving.local import free_port
 from tasks.serving.ray import RaySettings, RayTarget, code_package, deploy_config
@@ -128,7 +128,7 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
 
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
-    from tasks.registry import register_model
+    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
@@ -251,7 +251,7 @@ def test_serve_config_is_rendered_from_the_same_vllm_args(demo_version: str):
 def test_deploy_places_two_replicas_on_two_nodes_and_answers_through_the_gateway(
     demo_version: str, spec: EndpointSpec, target: RayTarget, ray_cluster: LocalRayCluster, client: openai.OpenAI
 ):
-    from tasks.endpoints import deploy
+    from tasks.deploy import deploy
 
     t0 = time.monotonic()
     result = deploy(spec, actor="test")
@@ -314,7 +314,7 @@ def _served_by(rep: dict[str, Any]) -> int:
 def test_a_revision_that_fails_to_start_leaves_the_old_one_serving(
     spec: EndpointSpec, target: RayTarget, client: openai.OpenAI
 ):
-    from tasks.endpoints import DeployStartError, deploy
+    from tasks.deploy import DeployStartError, deploy
 
     old = live_app()
     bad = EndpointSpec.model_validate(
@@ -369,7 +369,7 @@ def test_a_killed_replica_is_replaced_while_the_gateway_keeps_answering(target: 
 def test_a_changed_revision_switches_under_load_with_no_failed_request(
     spec: EndpointSpec, target: RayTarget, client: openai.OpenAI
 ):
-    from tasks.endpoints import deploy
+    from tasks.deploy import deploy
 
     old = live_app()
     changed = EndpointSpec.model_validate(
@@ -400,7 +400,7 @@ def test_an_adapter_reaches_every_ray_replica_through_a_blue_green_redeploy(
     """A runtime load would reach one Serve replica, and replicas Serve adds or replaces would lack it."""
     from testing_utils import small_config
 
-    from tasks.adapters import load_into_endpoint
+    from tasks.deploy.adapters import load_into_endpoint
     from tasks.finetune import DataSource, finetune
 
     cfg = small_config(demo_data_dir, f"models:/demo/{demo_version}", max_steps=4, eval_steps=4,
@@ -430,7 +430,7 @@ def test_an_adapter_reaches_every_ray_replica_through_a_blue_green_redeploy(
 
 @pytest.mark.slow
 def test_stop_deletes_the_application_and_its_vllm_servers(target: RayTarget, ray_cluster: LocalRayCluster):
-    from tasks.endpoints import stop_endpoint
+    from tasks.deploy import stop_endpoint
 
     app = live_app().name
     pids = [vllm_child(r["pid"]).pid for r in running(target, app)]

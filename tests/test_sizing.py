@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.core.errors import ConfigError, SizingError
-from tasks.sizing import (
+from tasks.size import (
     GiB,
     MemoryEstimate,
     MiB,
@@ -25,7 +25,7 @@ from tasks.sizing import (
     kv_layout,
     parse_config,
 )
-from tasks.sizing_io import load_tiers, make_request, read_model_config, runtime_facts, size_model
+from tasks.size.io import load_tiers, make_request, read_model_config, runtime_facts, size_model
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 ROOT = Path(__file__).resolve().parent.parent
@@ -505,7 +505,7 @@ def test_explanation_published_as_prefect_artifact(tmp_path):
     from prefect import flow
     from prefect.artifacts import Artifact
 
-    from tasks.sizing_io import size_task
+    from tasks.size.io import size_task
 
     (tmp_path / "config.json").write_text((CONFIGS / "llama-3.2-1b.json").read_text())
 

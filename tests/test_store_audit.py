@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.core.errors import AccessError, ConfigError, GatewayError
 
 
@@ -322,7 +323,7 @@ def test_cli_deploy_refused_by_the_lease_creates_nothing(tmp_path: Path, capsys:
 
 
 def test_adapter_loads_are_refused_while_the_endpoint_is_being_deployed():
-    from tasks import adapters
+    from tasks.deploy import adapters
 
     with held_elsewhere("lease-adapters", "alice"):
         with pytest.raises(store.DeployInProgress, match="being deployed by alice"):

@@ -14,7 +14,8 @@ def grant(
     team: str = typer.Option(None, "--team", help="Team to let in."),
 ) -> None:
     """Let a user or a team call ENDPOINT (takes effect on the next request)."""
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     new = store.grant(endpoint, user=user, team=team, actor=audit.default_actor())
     who = f"user {user}" if user else f"team {team}"
@@ -28,7 +29,8 @@ def revoke(
     team: str = typer.Option(None, "--team", help="Team to remove."),
 ) -> None:
     """Remove a user's or team's grant on ENDPOINT."""
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     removed = store.revoke_grant(endpoint, user=user, team=team, actor=audit.default_actor())
     who = f"user {user}" if user else f"team {team}"

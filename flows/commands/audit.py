@@ -10,7 +10,7 @@ audit_app = typer.Typer(help="The append-only, hash-chained audit log.", no_args
 @audit_app.command("verify")
 def verify() -> None:
     """Recompute the chain; exit 1 and name the first bad entry if any row was edited or removed."""
-    from tasks import audit
+    from tasks.store import audit
 
     result = audit.verify()
     if not result.ok:
@@ -28,7 +28,7 @@ def log(
     from rich.console import Console
     from rich.table import Table
 
-    from tasks import audit
+    from tasks.store import audit
 
     table = Table("seq", "time (UTC)", "actor", "action", "subject", "before", "after")
     for e in audit.entries(endpoint=endpoint, action=action, limit=limit):

@@ -14,7 +14,7 @@ def admin(
 ) -> None:
     """Let USER see every endpoint in the dashboard (or stop that with --remove); audited."""
     from gateway.dashboard.auth import set_admin
-    from tasks import audit
+    from tasks.store import audit
 
     changed = set_admin(user, not remove, actor=audit.default_actor())
     if changed:

@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Plan, size, start, smoke-test and switch an endpoint to a new revision (blue/green)."""
-        from tasks.endpoints import deploy as do_deploy
-        from tasks.endpoints import load_spec
+        from tasks.deploy import deploy as do_deploy
+        from tasks.deploy import load_spec
 
         parsed = load_spec(spec)
         if flow:
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         flow: bool = typer.Option(False, "--flow", help="Run as the Prefect `rollback` flow."),
     ) -> None:
         """Redeploy the previous good revision through the same smoke-tested blue/green path."""
-        from tasks.endpoints import rollback as do_rollback
+        from tasks.deploy import rollback as do_rollback
 
         if flow:
             from flows.deploy import rollback_flow

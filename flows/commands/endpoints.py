@@ -18,7 +18,7 @@ def attach(
     owner: str = typer.Option(None, help="Who answers for it."),
 ) -> None:
     """Register an existing vLLM server as an endpoint replica (run again with another URL to add one)."""
-    from tasks import audit
+    from tasks.store import audit
     from tasks.store import attach_server
 
     adapters = {}
@@ -65,7 +65,7 @@ def show(
     from rich.table import Table
 
     from tasks import store
-    from tasks.endpoints import describe
+    from tasks.deploy import describe
 
     e = store.get_endpoint(name)
     console = Console()
@@ -87,7 +87,7 @@ def show(
 @endpoints_app.command("stop")
 def stop(name: str = typer.Argument(..., help="Endpoint name.")) -> None:
     """Stop every replica of an endpoint; the gateway answers 503 until it is deployed again."""
-    from tasks.endpoints import stop_endpoint
+    from tasks.deploy import stop_endpoint
 
     n = stop_endpoint(name)
     typer.echo(f"endpoint {name}: stopped {n} replica(s); redeploy with `llmhost deploy SPEC` or "

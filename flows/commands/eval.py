@@ -17,8 +17,8 @@ TARGET_HELP = (
 @eval_app.command("suites")
 def suites() -> None:
     """List the shipped suites and the frontier catalog."""
-    from tasks.evaluation.suite import SUITES_DIR, load_suite
-    from tasks.evaluation.targets import load_frontiers
+    from tasks.evaluate.suite import SUITES_DIR, load_suite
+    from tasks.evaluate.targets import load_frontiers
 
     for p in sorted(SUITES_DIR.glob("*.yaml")):
         if p.name == "frontiers.yaml":
@@ -56,9 +56,9 @@ def run(
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.evaluation.compare import pass_checks, summarize
-    from tasks.evaluation.mlflow_log import evaluate_target, experiment_name
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.compare import pass_checks, summarize
+    from tasks.evaluate.mlflow_log import evaluate_target, experiment_name
+    from tasks.evaluate.suite import load
 
     loaded = load(suite, limit=limit)
     result, run_id = evaluate_target(
@@ -117,8 +117,8 @@ def compare(
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from tasks.evaluation.mlflow_log import compare_targets
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.mlflow_log import compare_targets
+    from tasks.evaluate.suite import load
 
     loaded = load(suite, limit=limit)
     outcome = compare_targets(

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Load an adapter version into the endpoint's running replicas; callable as ENDPOINT:NAME."""
-        from tasks.adapters import load_into_endpoint
+        from tasks.deploy.adapters import load_into_endpoint
 
         c = load_into_endpoint(endpoint, version, name=name, allow_restart=not no_restart)
         typer.echo(
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Unload an adapter from the endpoint's running replicas."""
-        from tasks.adapters import unload_from_endpoint
+        from tasks.deploy.adapters import unload_from_endpoint
 
         c = unload_from_endpoint(endpoint, version, allow_restart=not no_restart)
         typer.echo(f"unloaded {endpoint}:{c.adapter} ({c.method}, {c.seconds:.2f}s) {c.note}".rstrip())
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
     def list_cmd(endpoint: str = typer.Argument(..., help="Endpoint name.")) -> None:
         """Adapters the endpoint's live revision serves, and what each replica reports."""
         from tasks import store
-        from tasks.adapters import served_adapters
+        from tasks.deploy.adapters import served_adapters
 
         e = store.get_endpoint(endpoint)
         revs = [r for r in store.list_revisions(endpoint) if r.id == e.live_revision_id]

@@ -19,7 +19,8 @@ def create(
     description: str = typer.Option(None, "--description", help="Free text, e.g. what the key is for."),
 ) -> None:
     """Create a key. The raw key is printed once; only its salted hash is stored."""
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     ttl = store.parse_duration(expires, field_name="--expires") if expires else None
     created = store.create_key(user, team=team, expires_in=ttl, description=description,
@@ -51,7 +52,8 @@ def list_(active: bool = typer.Option(False, "--active", help="Hide revoked keys
 @keys_app.command("revoke")
 def revoke(prefix: str = typer.Argument(..., help="The key's public prefix (from `keys list`).")) -> None:
     """Revoke a key; running gateways refuse it from the next request on."""
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     info = store.revoke_key(prefix, actor=audit.default_actor())
     typer.secho(f"key {info.prefix} of {info.user} revoked at {_fmt(info.revoked_at)} UTC", fg="yellow")

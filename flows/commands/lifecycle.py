@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         from tasks import store
         from tasks.lifecycle import LifecycleParams
-        from tasks.promotion import PromotionPolicy
+        from tasks.promote import PromotionPolicy
 
         console = Console()
         t0 = time.monotonic()
@@ -77,16 +77,16 @@ def register(app: typer.Typer) -> None:
         spec: Path | None = typer.Option(None, help="Endpoint spec to redeploy (blue/green) after the move."),
     ) -> None:
         """Make VERSION the champion by hand (audited as forced); the policy path runs in `lifecycle`."""
-        from tasks.audit import default_actor
+        from tasks.store.audit import default_actor
         from tasks.core.errors import ConfigError
-        from tasks.promotion import move_aliases
+        from tasks.promote import move_aliases
 
         if not force:
             raise ConfigError("--force", False, "manual promotion bypasses the policy; pass --force to confirm")
         rec = move_aliases(name, version, actor=default_actor(), forced=True)
         typer.echo(f"{name}: champion v{rec.champion} (was v{rec.previous}); challenger v{rec.previous}")
         if spec:
-            from tasks.endpoints import deploy, load_spec
+            from tasks.deploy import deploy, load_spec
 
             typer.echo(deploy(load_spec(spec)).message)
 
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
             from datetime import UTC, datetime
 
             from tasks.core.errors import ConfigError
-            from tasks.promotion import served_at
+            from tasks.promote import served_at
 
             try:
                 at = datetime.now(UTC) if when == "now" else datetime.fromisoformat(when.replace("Z", "+00:00"))

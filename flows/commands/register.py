@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Register a model version in MLflow (reused when the same content is already registered)."""
         from rich.console import Console
 
-        from tasks.registry import register_model
+        from tasks.register import register_model
 
         console = Console()
         with console.status(f"registering {source} as {name}..."):
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from tasks.registry import list_models
+        from tasks.register import list_models
 
         rows = list_models()
         if as_json:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         """Every version of NAME with its tags."""
         from rich.console import Console
 
-        from tasks.registry import model_versions
+        from tasks.register import model_versions
 
         versions = model_versions(name)
         if as_json:
@@ -94,6 +94,6 @@ def register(app: typer.Typer) -> None:
     @models.command("resolve")
     def resolve_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VER")) -> None:
         """Print the local Hugging Face folder vLLM would load for REF (downloads it if needed)."""
-        from tasks.registry import resolve_model_ref
+        from tasks.register import resolve_model_ref
 
         typer.echo(str(resolve_model_ref(ref).local_dir))

@@ -28,7 +28,7 @@ def k8s(
     from pydantic import ValidationError
 
     from tasks import store
-    from tasks.endpoints import load_spec, pinned_spec, plan_revision
+    from tasks.deploy import load_spec, pinned_spec, plan_revision
     from tasks.core.errors import ConfigError
     from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, dump_manifests, k8s_name, render_endpoint
 

@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
         from rich.markdown import Markdown
 
         from tasks.core.errors import SizingError
-        from tasks.sizing import GiB, not_fit_line
-        from tasks.sizing_io import load_tiers, make_request, size_model
+        from tasks.size import GiB, not_fit_line
+        from tasks.size.io import load_tiers, make_request, size_model
 
         console = Console()
         if list_tiers:

@@ -16,7 +16,8 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Engine, select
 
 from gateway.dashboard.tables import DashboardAdmin, ensure_tables
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.core.errors import ConfigError
 from tasks.core.settings import get_settings
 

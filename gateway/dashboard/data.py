@@ -18,7 +18,8 @@ import yaml
 from sqlalchemy import Engine, Float, case, cast, func, select
 
 from gateway.dashboard.tables import ReplicaSample, ensure_tables
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.store import UsageRecord
 
 WINDOWS: dict[str, tuple[timedelta, timedelta]] = {

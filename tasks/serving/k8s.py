@@ -23,7 +23,7 @@ from tasks.serving.base import VllmArgs
 from tasks.serving.ray import RaySettings, app_config, deploy_config, runtime_env_vars
 
 if TYPE_CHECKING:
-    from tasks.endpoints import EndpointSpec, RevisionPlan
+    from tasks.deploy import EndpointSpec, RevisionPlan
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
 RAY_VERSION = "2.60.0"
@@ -399,7 +399,7 @@ def render_endpoint(spec: EndpointSpec, plan: RevisionPlan, opts: K8sOptions) ->
     Always a RayService (KubeRay) and the PVC its pods read weights from; for an endpoint of one replica also a
     plain Deployment + Service, which need no operator.
     """
-    from tasks.endpoints import REPLICA_ENV
+    from tasks.deploy import REPLICA_ENV
     from tasks.serving.ray import device_for
 
     settings = spec.ray or RaySettings(min_replicas=spec.replicas, max_replicas=spec.replicas)

@@ -86,7 +86,7 @@ def device_for(hardware: str) -> Device:
     """gpu for a GPU tier; cpu for a CPU tier; for auto, whatever this machine has (as plan_revision's dtype)."""
     if hardware == "auto":
         return "gpu" if has_cuda_gpu() else "cpu"
-    from tasks.sizing_io import load_tiers
+    from tasks.size.io import load_tiers
 
     for tier in load_tiers():
         if tier.name == hardware:

@@ -376,7 +376,7 @@ class ContaminationReport(BaseModel):
 
 def suite_eval_sets(names: list[str] | None) -> tuple[list[EvalSet], dict[str, str]]:
     """Rendered prompts of the named suites (default: all in eval_suites/); unreadable defaults skipped."""
-    from tasks.evaluation.suite import load
+    from tasks.evaluate.suite import load
 
     explicit = names is not None
     wanted = (
@@ -884,7 +884,7 @@ class FinetuneResult(BaseModel):
 
 
 def _mlflow_versions(ref: str) -> Any:
-    from tasks.registry import get_version
+    from tasks.register import get_version
 
     return get_version(ref)
 
@@ -904,7 +904,7 @@ def trainable_base(ref: str) -> str:
 
 def resolve_base(cfg: FinetuneConfig) -> tuple[Any, Path]:
     """(MLflow ModelVersion, local HF folder) of the base; adapter versions are refused as bases."""
-    from tasks.registry import resolve_model_ref
+    from tasks.register import resolve_model_ref
 
     mv = _mlflow_versions(cfg.base_model)
     if dict(mv.tags).get("adapter") == "true":

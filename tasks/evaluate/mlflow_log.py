@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.evaluation.compare import (
+from tasks.evaluate.compare import (
     Comparison,
     Interval,
     compare,
@@ -29,9 +29,9 @@ from tasks.evaluation.compare import (
     summarize,
     tier_hourly_price,
 )
-from tasks.evaluation.runner import ExampleRecord, RunResult, run_suite
-from tasks.evaluation.suite import LoadedSuite
-from tasks.evaluation.targets import ResolvedTarget, resolve_target
+from tasks.evaluate.runner import ExampleRecord, RunResult, run_suite
+from tasks.evaluate.suite import LoadedSuite
+from tasks.evaluate.targets import ResolvedTarget, resolve_target
 from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 
 EXAMPLES_TABLE = "eval_examples.json"

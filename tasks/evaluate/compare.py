@@ -10,9 +10,9 @@ import yaml
 from pydantic import BaseModel, Field
 
 from tasks.core.errors import EvalError
-from tasks.evaluation.metrics import ScoreColumn
-from tasks.evaluation.runner import RunResult, RunStats
-from tasks.evaluation.suite import (
+from tasks.evaluate.metrics import ScoreColumn
+from tasks.evaluate.runner import RunResult, RunStats
+from tasks.evaluate.suite import (
     Classification,
     EvalSuite,
     ExactMatch,
@@ -22,7 +22,7 @@ from tasks.evaluation.suite import (
     Thresholds,
     ToolCall,
 )
-from tasks.evaluation.targets import Pricing
+from tasks.evaluate.targets import Pricing
 from tasks.core.settings import PROJECT_ROOT
 
 N_BOOT = 2000
@@ -126,7 +126,7 @@ def tier_hourly_price(tier: str, path: Path | None = None) -> float:
     """Hourly USD price of `tier`: the sizing catalog (tasks/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
     if path is None:
         try:
-            from tasks.sizing_io import load_tiers
+            from tasks.size.io import load_tiers
         except ImportError:  # the sizing step is optional for evaluation
             path = TIERS_FILE
         else:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluation.suite import (
+from tasks.evaluate.suite import (
     Bleu,
     Classification,
     Contains,

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from tasks.core.errors import ConfigError, LlmhostError, RegistryError
 from tasks.core.settings import get_settings
 from tasks.core.tracking import experiment_scope, get_or_create_experiment, mlflow_client
-from tasks.vllm_compat import CompatResult, check_architectures, supported_architectures
+from tasks.register.vllm_compat import CompatResult, check_architectures, supported_architectures
 
 REGISTRY_EXPERIMENT = "llmhost-registry"
 MLFLOW_MODEL_NAME = "model"  # `name=` of log_model; also the flavour's folder holding the HF checkpoint
@@ -270,7 +270,7 @@ def params_from_safetensors(headers: list[dict[str, Any]], config: dict[str, Any
 
 def params_from_config(config: dict[str, Any]) -> tuple[int, int] | None:
     """(total, active) by the sizing step's arithmetic, for when shapes do not tell (packed weights)."""
-    from tasks.sizing import count_params, parse_config
+    from tasks.size import count_params, parse_config
 
     try:
         counted = count_params(parse_config(config))

@@ -19,9 +19,9 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from tasks.core.errors import EvalError
-from tasks.evaluation.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
-from tasks.evaluation.suite import Example, GenerationParams, LlmJudge, LoadedSuite
-from tasks.evaluation.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
+from tasks.evaluate.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
+from tasks.evaluate.suite import Example, GenerationParams, LlmJudge, LoadedSuite
+from tasks.evaluate.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
 from tasks.core.settings import get_settings
 
 RETRY_STATUS = {429, 500, 502, 503, 504}

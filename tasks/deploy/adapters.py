@@ -94,7 +94,7 @@ def resolve_adapter(ref: str) -> AdapterVersion:
     """Download (once) a registered adapter version; refuse versions that are not adapters."""
     import mlflow
 
-    from tasks.registry import get_version
+    from tasks.register import get_version
 
     mv = get_version(ref)
     tags = dict(mv.tags)
@@ -236,7 +236,7 @@ class AdapterChange(BaseModel):
 
 def _audit(action: str, subject: str, before: Any, after: Any, **links: Any) -> None:
     try:
-        from tasks import audit
+        from tasks.store import audit
     except ImportError:  # the audit module ships with the store; without it there is nowhere to write
         return
     audit.record(None, action, subject, before, after, **links)
@@ -329,7 +329,8 @@ def _set_adapters(
     The set maps the gateway's adapter name (`endpoint:<name>`) to the name vLLM serves it under, which is
     what the gateway rewrites `model` to; here both are the same. The version lives in the audit entry.
     """
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     with store.session_scope() as s:
         rev = s.get(store.EndpointRevision, revision_id)
@@ -379,7 +380,7 @@ def _runtime_unsafe(rev: Any) -> str:
 
 def _redeploy(endpoint: str, rev: Any, adapters: dict[str, str | None], max_rank: int | None) -> Any:
     """Blue/green through the endpoint deploy path, with the adapter set changed in the spec."""
-    from tasks.endpoints import EndpointSpec, deploy
+    from tasks.deploy import EndpointSpec, deploy
 
     raw = dict((rev.spec or {}).get("spec") or {})
     if not raw:
@@ -407,7 +408,8 @@ def load_into_endpoint(
 
     Holds the endpoint's deploy lease, so a deploy cannot switch revisions under the load.
     """
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     with store.deploy_lease(endpoint, actor=audit.default_actor()):
         return _load_into_endpoint(endpoint, version, name=name, allow_restart=allow_restart)
@@ -505,7 +507,8 @@ def _load_into_endpoint(endpoint: str, version: str, *, name: str | None, allow_
 
 def unload_from_endpoint(endpoint: str, version_or_name: str, *, allow_restart: bool = True) -> AdapterChange:
     """Unload an adapter (by served name, or by version) from every live replica; fall back to blue/green."""
-    from tasks import audit, store
+    from tasks import store
+    from tasks.store import audit
 
     with store.deploy_lease(endpoint, actor=audit.default_actor()):
         return _unload_from_endpoint(endpoint, version_or_name, allow_restart=allow_restart)

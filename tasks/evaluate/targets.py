@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core.errors import AccessError, EvalError
-from tasks.evaluation.suite import SUITES_DIR, SuiteError
+from tasks.evaluate.suite import SUITES_DIR, SuiteError
 from tasks.core.settings import get_settings
 
 FRONTIERS_FILE = SUITES_DIR / "frontiers.yaml"

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks import audit, store
+from tasks import store
+from tasks.store import audit
 from tasks.core.errors import ConfigError, DeployError, ReplicaStartError
 from tasks.core.inputs import load_yaml_model
 from tasks.serving.base import Dtype, KvCacheDtype, Quantization, Replica, Target, VllmArgs
@@ -197,7 +198,7 @@ def choose_tool_calling(spec: EndpointSpec, tags: dict[str, str], architectures:
 
 def runtime_version() -> str:
     """The serving runtime's version, read from its venv's files (the control plane never imports vLLM)."""
-    from tasks.sizing_io import runtime_facts
+    from tasks.size.io import runtime_facts
 
     version = getattr(runtime_facts(), "vllm_version", None)
     return f"vllm {version}" if version else "vllm (version unknown)"
@@ -218,7 +219,7 @@ def _tier_device_count(hardware: str) -> int:
     """Devices of a named GPU tier (tensor_parallel_size auto); 1 for cpu, auto and unknown names."""
     if hardware == "auto":
         return 1
-    from tasks.sizing_io import load_tiers
+    from tasks.size.io import load_tiers
 
     for tier in load_tiers():
         if tier.name == hardware:
@@ -236,8 +237,8 @@ def plan_revision(spec: EndpointSpec) -> RevisionPlan:
     A model version that is a LoRA adapter (tag adapter=true) runs as its base version's weights plus
     `--enable-lora --lora-modules <adapter>=<dir>`, and the endpoint's plain name is routed to the adapter.
     """
-    from tasks.adapters import resolve_adapter
-    from tasks.registry import get_version, resolve_model_ref
+    from tasks.deploy.adapters import resolve_adapter
+    from tasks.register import get_version, resolve_model_ref
 
     mv = get_version(spec.model)  # tags first: an adapter version has no full model folder to resolve
     model_version = f"{mv.name}/{mv.version}"
@@ -380,7 +381,7 @@ class SizingOutcome(BaseModel):
 
 def size_plan(plan: RevisionPlan, spec: EndpointSpec) -> SizingOutcome:
     """Sizes the revision on the spec's tier (auto: this machine's CPU tier, or the cheapest GPU tier)."""
-    from tasks.sizing_io import make_request, size_model
+    from tasks.size.io import make_request, size_model
 
     tier = spec.hardware
     if tier == "auto" and spec.target == "local" and not has_cuda_gpu():

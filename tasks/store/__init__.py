@@ -2,7 +2,7 @@
 
 SQLite under the state dir by default (`settings.store`), any SQLAlchemy URL where set. Lifecycle steps and
 the gateway share it through the plain functions below; each takes an optional `engine` from `get_engine()`.
-Every change to keys, access and routes writes an audit entry in the same transaction (see tasks.audit), and
+Every change to keys, access and routes writes an audit entry in the same transaction (see tasks.store.audit), and
 bumps the `routes` epoch that the gateway checks per request, so revocations take effect immediately.
 """
 
@@ -205,7 +205,7 @@ class UsageRecord(Base):
 
 
 class AuditEntry(Base):
-    """Append-only, hash-chained: `hash` = sha256(prev_hash + canonical body). See tasks.audit."""
+    """Append-only, hash-chained: `hash` = sha256(prev_hash + canonical body). See tasks.store.audit."""
 
     __tablename__ = "audit_log"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -309,7 +309,7 @@ def routes_epoch(engine: Engine | None = None) -> int:
 
 
 def _audit(s: Session, actor: str, action: str, subject: str, before: Any, after: Any, **links: Any) -> None:
-    from tasks import audit  # audit imports this module; import here to keep the cycle one-way at load
+    from tasks.store import audit  # audit imports this package; import here to keep the cycle one-way at load
 
     audit.record(actor, action, subject, before, after, session=s, **links)
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from tasks.core.errors import ConfigError
 from tasks.core.settings import Settings, get_settings
-from tasks.sizing import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier, estimate_memory
+from tasks.size import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier, estimate_memory
 
 TIERS_PATH = Path(__file__).with_name("tiers.yaml")
 TIERS_ENV = "LLMHOST_TIERS_FILE"

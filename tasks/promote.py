@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks import audit
+from tasks.store import audit
 from tasks.core.errors import ConfigError, PromotionError
-from tasks.evaluation.compare import Comparison, MetricComparison
+from tasks.evaluate.compare import Comparison, MetricComparison
 
 
 class PromotionPolicy(BaseModel):
