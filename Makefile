@@ -38,7 +38,7 @@ ui: env runtime
 test: env runtime
 	# Build the demo model once up front (skipped when its inputs are unchanged) so no test waits on it.
 	$(VENV)/bin/python -m demo.build >/dev/null
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=30
 
 lint: env
 	$(VENV)/bin/ruff check .

@@ -76,12 +76,13 @@ def main() -> int:
         os.environ.setdefault("LLMHOST_HOME", tempfile.mkdtemp(prefix="llmhost-bench-"))
 
     from demo.build import build_demo_model
-    from tasks.deploy.adapters import hot_load, resolve_adapter, restart_with_adapters
+    from tasks.core.settings import PROJECT_ROOT
+    from tasks.deploy.adapters import hot_load, restart_with_adapters
+    from tasks.deploy.resolve import resolve_adapter
     from tasks.finetune import DataSource, finetune, load_config
     from tasks.register import register_model
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
-    from tasks.core.settings import PROJECT_ROOT
 
     numbers: dict[str, object] = {}
     if args.version:

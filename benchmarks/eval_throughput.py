@@ -150,7 +150,7 @@ def main() -> int:
         if args.mlflow:
             with tempfile.TemporaryDirectory() as home:
                 os.environ["LLMHOST_HOME"] = home
-                from tasks.evaluate.mlflow_log import evaluate_target
+                from tasks.evaluate.running import evaluate_target
 
                 t0 = time.perf_counter()
                 res, run_id = evaluate_target(loaded, spec, concurrency=args.concurrency)

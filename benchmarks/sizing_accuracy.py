@@ -188,9 +188,9 @@ def predict(model_dir: Path, max_model_len: int) -> MemoryEstimate:
 
 def serve_and_read(model_dir: Path, max_model_len: int, name: str) -> tuple[int | None, float | None, float]:
     """Start vLLM on the model (CPU, eager, fp32), read its logged KV capacity, stop it."""
+    from tasks.core.settings import get_settings
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
-    from tasks.core.settings import get_settings
 
     target = LocalTarget()
     env = {"VLLM_CPU_KVCACHE_SPACE": f"{get_settings().cpu_kvcache_space_gib:g}"}

@@ -6,8 +6,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from tasks.deploy.adapters import AdapterChange, load_adapter_task
-from tasks.finetune import FinetuneConfig, FinetuneResult, contamination_task, finetune_task
+from flows.tasks import contamination_task, finetune_task, load_adapter_task
+from tasks.deploy.adapters import AdapterChange
+from tasks.finetune import FinetuneConfig, FinetuneResult
 
 
 class RetrainResult(BaseModel):

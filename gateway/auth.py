@@ -16,8 +16,8 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from gateway.protocol import ApiError
-from tasks import store
 from tasks.core.errors import AccessError
+from tasks.store.keys import KeyInfo, verify_key
 
 _NEGATIVE_TTL_S = 5.0
 _MAX_ENTRIES = 10_000
@@ -31,12 +31,12 @@ def _unauthorized(message: str) -> ApiError:
 class KeyCache:
     """sha256(raw key) -> KeyInfo; verification of a new key runs once even under concurrent requests."""
 
-    def __init__(self, engine: Engine, verify: Callable[..., store.KeyInfo] = store.verify_key):
+    def __init__(self, engine: Engine, verify: Callable[..., KeyInfo] = verify_key):
         self.engine = engine
         self._verify = verify
-        self._good: dict[bytes, store.KeyInfo] = {}
+        self._good: dict[bytes, KeyInfo] = {}
         self._bad: dict[bytes, tuple[float, str]] = {}
-        self._inflight: dict[bytes, asyncio.Future[store.KeyInfo]] = {}
+        self._inflight: dict[bytes, asyncio.Future[KeyInfo]] = {}
         self._generation = 0
 
     def clear(self) -> None:
@@ -46,7 +46,7 @@ class KeyCache:
         self._bad.clear()
         self._inflight.clear()
 
-    async def authenticate(self, authorization: str | None) -> store.KeyInfo:
+    async def authenticate(self, authorization: str | None) -> KeyInfo:
         if not authorization:
             raise _unauthorized("No API key: send `Authorization: Bearer llmh-...` (the OpenAI SDK's "
                                 "api_key). Create a key with `llmhost keys create --user YOU`.")
@@ -63,14 +63,14 @@ class KeyCache:
                                 "(`llmhost keys create --expires 30d`).")
         return info
 
-    async def _lookup(self, digest: bytes, raw: str) -> store.KeyInfo:
+    async def _lookup(self, digest: bytes, raw: str) -> KeyInfo:
         bad = self._bad.get(digest)
         if bad is not None and bad[0] > time.monotonic():
             raise _unauthorized(bad[1])
         pending = self._inflight.get(digest)
         if pending is not None:
             return await asyncio.shield(pending)
-        fut: asyncio.Future[store.KeyInfo] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[KeyInfo] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = fut
         generation = self._generation
         try:

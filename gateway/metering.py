@@ -11,7 +11,7 @@ import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from tasks import store
+from tasks.store.usage import add_usage
 
 log = logging.getLogger("llmhost.gateway.metering")
 
@@ -103,7 +103,7 @@ class Meter:
             return 0
         batch, self._pending = self._pending, []
         try:
-            n = await anyio.to_thread.run_sync(lambda: store.add_usage(batch, engine=self.engine))
+            n = await anyio.to_thread.run_sync(lambda: add_usage(batch, engine=self.engine))
         except Exception as exc:  # the store may be locked or down; keep the rows and try again next tick
             log.warning("usage flush of %d rows failed (%s); will retry", len(batch), exc)
             self._pending = (batch + self._pending)[-_MAX_PENDING:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 Route = Literal["chat", "completions", "embeddings"]
 UPSTREAM_PATHS: dict[str, str] = {
@@ -14,19 +14,6 @@ UPSTREAM_PATHS: dict[str, str] = {
     "embeddings": "/embeddings",
 }
 STREAMABLE: frozenset[str] = frozenset({"chat", "completions"})
-
-
-class ErrorDetail(BaseModel):
-    message: str = Field(description="What went wrong and what to do about it.")
-    type: str = Field(description="OpenAI error type, e.g. invalid_request_error.")
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(BaseModel):
-    """OpenAI's error shape, so SDKs raise their usual typed exceptions."""
-
-    error: ErrorDetail
 
 
 class ModelCard(BaseModel):
@@ -42,7 +29,7 @@ class ModelList(BaseModel):
 
 
 class ApiError(Exception):
-    """Raised inside handlers; rendered as an OpenAI error body with `status`."""
+    """Raised inside handlers; rendered as OpenAI's error body with `status`, so SDKs raise their typed errors."""
 
     def __init__(self, status: int, message: str, *, type: str, code: str | None = None,
                  param: str | None = None, headers: dict[str, str] | None = None):

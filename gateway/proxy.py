@@ -40,8 +40,17 @@ from gateway.protocol import (
 )
 from gateway.routing import ReplicaPool, probe_all
 from gateway.upstream import ConnectFailed, Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout
-from tasks import store
 from tasks.core.settings import Settings, get_settings
+from tasks.store.keys import KeyInfo
+from tasks.store.routes import (
+    EndpointRoute,
+    ReplicaRoute,
+    load_routes,
+    read_epoch,
+    record_replica_health,
+    routes_epoch,
+)
+from tasks.store.schema import utcnow
 
 log = logging.getLogger("llmhost.gateway")
 
@@ -67,7 +76,7 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None
         self.upstream: Upstream
         self.epoch = -1
-        self.routes: dict[str, store.EndpointRoute] = {}
+        self.routes: dict[str, EndpointRoute] = {}
         self.epoch_poll_s = epoch_poll_s
         self._raw: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,24 +119,16 @@ class Gateway:
 
     # -- routes and health -------------------------------------------------------------------------------
 
-    def _read_epoch(self) -> int:
-        cur = self._raw.cursor()
-        try:
-            cur.execute("SELECT value FROM meta WHERE name = 'routes'")
-            return int(cur.fetchone()[0])
-        finally:
-            cur.close()
-
     def refresh(self, force: bool = False) -> None:
         """Reload routes and drop cached keys when the store changed since the last look."""
         if self._raw is not None:
-            epoch = self._read_epoch()
+            epoch = read_epoch(self._raw)
             if epoch == self.epoch and not force:
                 return
         self._reload()
 
     def _reload(self) -> None:
-        epoch, routes = store.load_routes(engine=self.engine)
+        epoch, routes = load_routes(engine=self.engine)
         self.keys.clear()
         old_ids = {r.id for route in self.routes.values() for r in route.replicas}
         self.epoch, self.routes = epoch, routes
@@ -143,16 +144,16 @@ class Gateway:
         while True:
             await asyncio.sleep(self.epoch_poll_s)
             try:
-                epoch = await anyio.to_thread.run_sync(lambda: store.routes_epoch(self.engine))
+                epoch = await anyio.to_thread.run_sync(lambda: routes_epoch(self.engine))
                 if epoch != self.epoch:
                     self._reload()
             except Exception as exc:
                 log.warning("could not read the routes epoch from the store: %s", exc)
 
-    def _replicas(self) -> list[store.ReplicaRoute]:
+    def _replicas(self) -> list[ReplicaRoute]:
         return [r for route in self.routes.values() for r in route.replicas]
 
-    async def _probe(self, replicas: list[store.ReplicaRoute]) -> None:
+    async def _probe(self, replicas: list[ReplicaRoute]) -> None:
         assert self.client is not None
         await probe_all(self.client, self.pool, replicas, self.settings.connect_timeout_s, self._on_health)
 
@@ -164,7 +165,7 @@ class Gateway:
                 log.warning("health probe round failed: %s", exc)
             await asyncio.sleep(self.settings.health_interval_s)
 
-    def _on_health(self, replica: store.ReplicaRoute, ok: bool, err: str | None) -> None:
+    def _on_health(self, replica: ReplicaRoute, ok: bool, err: str | None) -> None:
         endpoint = next((n for n, r in self.routes.items() if replica in r.replicas), "?")
         self.metrics.replica_up.labels(endpoint, replica.name).set(1 if ok else 0)
         state = "up" if ok else "down"
@@ -176,7 +177,7 @@ class Gateway:
 
     def _persist_state(self, replica_id: int, state: str) -> None:
         try:
-            store.set_replica_state(replica_id, state, audit=False, bump=False, engine=self.engine)
+            record_replica_health(replica_id, state, engine=self.engine)
         except Exception as exc:
             log.warning("could not record replica %d as %s: %s", replica_id, state, exc)
 
@@ -201,7 +202,7 @@ class Gateway:
 
     async def forward(self, request: Request, kind: str) -> Response:
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"ts": store.utcnow(), "route": kind, "stream": False}
+        row: dict[str, Any] = {"ts": utcnow(), "route": kind, "stream": False}
         try:
             key = await self.keys.authenticate(request.headers.get("authorization"))
         except ApiError as exc:
@@ -215,8 +216,8 @@ class Gateway:
             self._finish(row, t0, exc.status, None, None, None)
             return error_response(exc)
 
-    def _resolve(self, payload: dict[str, Any], key: store.KeyInfo,
-                 row: dict[str, Any]) -> store.EndpointRoute:
+    def _resolve(self, payload: dict[str, Any], key: KeyInfo,
+                 row: dict[str, Any]) -> EndpointRoute:
         name, adapter = split_model(payload.get("model"))
         self.refresh()
         route = self.routes.get(name)
@@ -251,7 +252,7 @@ class Gateway:
             payload["model"] = served
         return route
 
-    async def _forward(self, request: Request, kind: str, key: store.KeyInfo, row: dict[str, Any],
+    async def _forward(self, request: Request, kind: str, key: KeyInfo, row: dict[str, Any],
                        t0: float) -> Response:
         try:
             payload = orjson.loads(await request.body())
@@ -300,8 +301,8 @@ class Gateway:
         headers["content-type"] = resp.content_type or _JSON
         return Response(data, status_code=resp.status_code, headers=headers)
 
-    async def _send(self, route: store.EndpointRoute, path: str,
-                    body: bytes) -> tuple[store.ReplicaRoute, UpstreamResponse]:
+    async def _send(self, route: EndpointRoute, path: str,
+                    body: bytes) -> tuple[ReplicaRoute, UpstreamResponse]:
         """Send to the least-loaded healthy replica; on connect failure (nothing sent) try the next one."""
         assert self.client is not None
         tried: list[int] = []
@@ -328,7 +329,7 @@ class Gateway:
                 self.pool.release(replica.id)
                 raise self._mid_request_error(route.name, replica, exc) from None
 
-    def _mid_request_error(self, endpoint: str, replica: store.ReplicaRoute, exc: Exception) -> ApiError:
+    def _mid_request_error(self, endpoint: str, replica: ReplicaRoute, exc: Exception) -> ApiError:
         if isinstance(exc, UpstreamTimeout):
             what = (f"did not answer within {self.settings.read_timeout_s:g}s (LLMHOST_READ_TIMEOUT_S); "
                     "retry with a smaller max_tokens, or ask the operator to raise the timeout")
@@ -353,7 +354,7 @@ class StreamPassthrough(Response):
     Owns the upstream response: it is closed (aborting generation upstream) when the client goes away.
     """
 
-    def __init__(self, gw: Gateway, upstream: UpstreamResponse, replica: store.ReplicaRoute,
+    def __init__(self, gw: Gateway, upstream: UpstreamResponse, replica: ReplicaRoute,
                  row: dict[str, Any], t0: float, client_wants_usage: bool, headers: dict[str, str]):
         # No super().__init__: it would set a body and so a Content-Length of 0.
         self.status_code, self.background = 200, None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tasks.store import EndpointRoute, ReplicaRoute
+from tasks.store.routes import EndpointRoute, ReplicaRoute
 
 log = logging.getLogger("llmhost.gateway.routing")
 

@@ -6,21 +6,24 @@ alias move plus the same blue/green switch.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.store import audit
 from tasks.core.errors import ConfigError, PromotionError
+from tasks.core.tracking import mlflow_client
 from tasks.evaluate.compare import Comparison, MetricComparison
+from tasks.store import audit
 
 
 class PromotionPolicy(BaseModel):
     """When a candidate may replace the champion. Intervals come from the paired bootstrap of the comparison."""
 
-    suite: str = Field(default="demo_routing", description="Eval suite both versions are compared on.")
+    suite: str | None = Field(default=None, description=(
+        "Eval suite the evidence must come from (its metric names are this policy's); None accepts any suite."))
     must_improve: list[str] = Field(default_factory=lambda: ["accuracy"],
                                     description="Metrics whose paired difference must be > min_improvement.")
     min_improvement: float = Field(default=0.0, ge=0, description="Lower CI bound of the gain must exceed this.")
@@ -28,7 +31,8 @@ class PromotionPolicy(BaseModel):
                                      description="Metric -> largest allowed drop (lower CI bound >= -drop).")
     guard_others: float | None = Field(default=0.05, ge=0,
                                        description="Allowed drop for every other metric; None = no guard.")
-    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="Level of the paired intervals.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description=(
+        "Level of the paired bootstrap intervals every improvement and guard is judged on."))
     max_latency_p95_ratio: float | None = Field(default=2.0, gt=0, description="Candidate p95 / champion p95.")
     max_latency_p95_s: float | None = Field(default=None, gt=0)
 
@@ -58,11 +62,18 @@ def _find(metrics: list[MetricComparison], name: str) -> MetricComparison:
 
 
 def decide(cmp: Comparison, policy: PromotionPolicy) -> Decision:
-    """Promote only when every must-improve metric gains at the policy's confidence and no guard fires."""
+    """Promote only when every must-improve metric gains at the policy's confidence and no guard fires.
+
+    The intervals are the comparison's paired bootstrap read at `policy.confidence`; evidence from a suite
+    other than `policy.suite` (when set) is refused.
+    """
+    if policy.suite is not None and cmp.suite != policy.suite:
+        raise ConfigError("policy.suite", policy.suite, f"the evidence is from suite {cmp.suite!r}; compare on "
+                          f"{policy.suite!r}, or set policy.suite to {cmp.suite!r} (or None for any suite)")
     checks: list[PolicyCheck] = []
     for name in policy.must_improve:
         m = _find(cmp.metrics, name)
-        d = m.diff
+        d = m.diff_at(policy.confidence)
         ok = math.isfinite(d.low) and d.low > policy.min_improvement
         checks.append(PolicyCheck(name=f"{name} improves", ok=ok, detail=(
             f"{m.candidate.value:.3f} vs {m.baseline.value:.3f}: diff {d.value:+.3f}, "
@@ -73,8 +84,7 @@ def decide(cmp: Comparison, policy: PromotionPolicy) -> Decision:
             if m.name not in policy.must_improve:
                 guarded.setdefault(m.name, policy.guard_others)
     for name, drop in sorted(guarded.items()):
-        m = _find(cmp.metrics, name)
-        d = m.diff
+        d = _find(cmp.metrics, name).diff_at(policy.confidence)
         if not math.isfinite(d.low):
             continue
         checks.append(PolicyCheck(name=f"{name} guard", ok=d.low >= -drop, detail=(
@@ -105,8 +115,6 @@ class PromotionRecord(BaseModel):
 
 
 def current_aliases(name: str) -> dict[str, str]:
-    from tasks.core.tracking import mlflow_client
-
     rm = mlflow_client().get_registered_model(name)
     return {k: str(v) for k, v in (rm.aliases or {}).items()}
 
@@ -114,8 +122,6 @@ def current_aliases(name: str) -> dict[str, str]:
 def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
                  evidence: dict[str, Any] | None = None) -> PromotionRecord:
     """champion -> version, challenger -> the previous champion; one audit entry links the evidence."""
-    from tasks.core.tracking import mlflow_client
-
     client = mlflow_client()
     try:
         client.get_model_version(name, str(version))
@@ -143,8 +149,6 @@ def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
     before = current_aliases(name)
     if "challenger" not in before:
         raise PromotionError(f"{name} has no challenger alias: there is no previous champion to restore")
-    from tasks.core.tracking import mlflow_client
-
     client = mlflow_client()
     client.set_registered_model_alias(name, "champion", before["challenger"])
     if "champion" in before:
@@ -156,8 +160,6 @@ def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
 
 
 def _links(entry: Any) -> dict[str, Any]:
-    import json
-
     out = json.loads(entry.links or "{}")
     if entry.endpoint:
         out.setdefault("endpoint", entry.endpoint)

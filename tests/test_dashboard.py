@@ -616,7 +616,7 @@ def test_session_cookie_is_signed_and_follows_the_key():
 
 
 def test_tail_lines_reads_only_the_end(tmp_path: Path):
-    from gateway.dashboard.data import tail_lines
+    from gateway.dashboard.health import tail_lines
 
     log = tmp_path / "replica.log"
     log.write_text("".join(f"line {i}\n" for i in range(100_000)))

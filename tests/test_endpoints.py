@@ -21,7 +21,8 @@ import pytest
 from threaded_gateway import ThreadedGateway
 
 from tasks import store
-from tasks.store import audit
+from tasks.core.errors import ConfigError
+from tasks.core.settings import PROJECT_ROOT, get_settings
 from tasks.deploy import (
     ARCH_TOOL_PARSERS,
     EndpointSpec,
@@ -31,9 +32,8 @@ from tasks.deploy import (
     plan_revision,
     rollback,
 )
-from tasks.core.errors import ConfigError
 from tasks.serving.local import pid_alive
-from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.store import audit
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo.yaml"
 WEATHER = "what is the weather in paris ?"
@@ -123,8 +123,8 @@ class Hammer:
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
     """The demo model registered as `demo`, alias champion -> that version."""
-    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
+    from tasks.register import register_model
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
     mlflow_client().set_registered_model_alias("demo", "champion", reg.version)
@@ -397,8 +397,8 @@ def test_blue_green_switch_on_a_changed_arg_fails_no_request(client: openai.Open
 def test_a_fine_tuned_adapter_version_deploys_as_base_plus_lora(
     client: openai.OpenAI, demo_version: str, demo_data_dir: Path
 ):
-    from tasks.finetune import DataSource, FinetuneConfig, LoraSettings, finetune
     from tasks.core.tracking import mlflow_client
+    from tasks.finetune import DataSource, FinetuneConfig, LoraSettings, finetune
 
     # A real (tiny) fine-tune, registered by the fine-tune module as an adapter version of `demo`.
     cfg = FinetuneConfig(

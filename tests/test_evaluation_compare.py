@@ -16,12 +16,11 @@ from tasks.evaluate.compare import (
     compare,
     frontier_cost,
     paired_bootstrap,
-    plot,
-    render_markdown,
     self_hosted_cost,
     tier_hourly_price,
 )
 from tasks.evaluate.metrics import ModelOutput, ScoreColumn, score_all
+from tasks.evaluate.report import plot, render_markdown, render_run_markdown
 from tasks.evaluate.runner import ExampleRecord, RunResult, compute_stats
 from tasks.evaluate.suite import LoadedSuite, load
 from tasks.evaluate.targets import Pricing, ResolvedTarget, TargetInfo
@@ -95,7 +94,7 @@ def test_tier_price_from_catalog(tmp_path: Path) -> None:
     assert tier_hourly_price("cpu-local", p) == 0.10
     with pytest.raises(EvalError, match="known tiers"):
         tier_hourly_price("h100", p)
-    # the sizing catalog shipped in tasks/tiers.yaml
+    # the sizing catalog shipped in tasks/size/tiers.yaml
     assert tier_hourly_price("cpu") == 0.0
     assert tier_hourly_price("t4-16gb-x1") > 0
 
@@ -247,3 +246,24 @@ def test_plot_writes_png(routing: LoadedSuite, tmp_path: Path) -> None:
     cmp = compare(routing.suite, make_run(routing, answers(routing, wrong=30)), base, hourly_price=0.1)
     png = plot(cmp, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_keeps_paired_draws_for_other_levels(routing: LoadedSuite) -> None:
+    base = make_run(routing, answers(routing), spec="frontier:f", pricing=PRICES)
+    cmp = compare(routing.suite, make_run(routing, answers(routing, wrong=30)), base, hourly_price=0.1)
+    acc = cmp.metrics[0]
+    assert acc.diff_at(0.95) == acc.diff
+    narrow, wide = acc.diff_at(0.6), acc.diff_at(0.99)
+    assert wide.low <= acc.diff.low <= narrow.low < narrow.high <= acc.diff.high <= wide.high
+    # the draws stay in memory only: comparison.json is unchanged
+    assert "diff_draws" not in json.dumps(cmp.model_dump(mode="json"))
+    reread = type(cmp).model_validate(cmp.model_dump(mode="json")).metrics[0]
+    assert reread.diff_at(0.95) == acc.diff
+    with pytest.raises(EvalError, match=r"confidence=0.8: .*re-run the comparison"):
+        reread.diff_at(0.8)
+
+
+def test_single_target_report(routing: LoadedSuite) -> None:
+    md = render_run_markdown(routing.suite, "url:x#m", make_run(routing, answers(routing, wrong=20)))
+    assert md.startswith("# routing v1 @ `url:x#m`\n")
+    assert "| accuracy | 0.900 | [" in md and "- 200/200 ok; latency p50 0.100s" in md

@@ -181,8 +181,9 @@ def test_compare_logs_runs_tables_traces_and_report(
 ) -> None:
     import mlflow
 
-    from tasks.evaluate.mlflow_log import EXAMPLES_TABLE, compare_targets, experiment_name
     from tasks.core.tracking import configure_mlflow
+    from tasks.evaluate.mlflow_logging import EXAMPLES_TABLE, experiment_name
+    from tasks.evaluate.running import compare_targets
 
     loaded = load("demo_routing", limit=30)
     out = compare_targets(

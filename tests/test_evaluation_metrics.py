@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
-from tasks.evaluate.metrics import (
-    ModelOutput,
-    bleu_stats,
-    corpus_bleu_from_stats,
-    extract_label,
-    field_f1,
-    macro_f1,
-    normalize_text,
-    parse_judge,
-    score_all,
-    score_example,
-)
-from tasks.evaluate.suite import (
+from tasks.evaluate.metric_specs import (
     Bleu,
     Classification,
     Contains,
@@ -31,8 +19,20 @@ from tasks.evaluate.suite import (
     Regex,
     RougeL,
     ToolCall,
-    parse_suite,
 )
+from tasks.evaluate.metrics import (
+    ModelOutput,
+    bleu_stats,
+    corpus_bleu_from_stats,
+    extract_label,
+    field_f1,
+    macro_f1,
+    normalize_text,
+    parse_judge,
+    score_all,
+    score_example,
+)
+from tasks.evaluate.suite import parse_suite
 
 
 def out(text: str = "", tool_calls: list | None = None, failed: bool = False) -> ModelOutput:

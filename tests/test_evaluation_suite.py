@@ -146,6 +146,28 @@ def test_targets_resolve_and_never_hold_keys(monkeypatch: pytest.MonkeyPatch) ->
         resolve_target("frontier:nope")
 
 
+def test_gateway_key_is_a_parameter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tasks.evaluate.runner import make_client, run_suite
+    from tasks.evaluate.targets import ResolvedTarget
+
+    monkeypatch.delenv("LLMHOST_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    gw = resolve_target("endpoint:support-router")
+    assert gw.api_key("k-given") == "k-given"
+    assert resolve_target("frontier:gpt-4o-mini").api_key("k-given") == "sk-from-env"  # a frontier's own key
+    assert make_client(gw, 5.0, "k-given").api_key == "k-given"
+    # the runner uses the given key (it gets as far as the unreachable port) and keeps it off the target
+    down = ResolvedTarget(spec="endpoint:x", kind="endpoint", base_url="http://127.0.0.1:9/v1", model="x",
+                          api_key_env="LLMHOST_API_KEY")
+    loaded = load(write_suite(tmp_path, GOOD))
+    with pytest.raises(TargetKeyError, match="LLMHOST_API_KEY is not set"):
+        run_suite(loaded, down, progress=False)
+    with pytest.raises(EvalError, match="unreachable") as err:
+        run_suite(loaded, down, progress=False, api_key="k-given")
+    assert not isinstance(err.value, TargetKeyError) and "k-given" not in str(err.value)
+    assert "k-given" not in down.model_dump_json()
+
+
 def test_every_shipped_frontier_has_dated_prices() -> None:
     catalog = load_frontiers()
     assert len(catalog) >= 5

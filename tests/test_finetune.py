@@ -179,8 +179,8 @@ def finetuned(base_version, demo_data_dir: Path):
 def test_finetune_logs_run_and_registers_a_new_version_with_tags(finetuned, base_version):
     from mlflow import MlflowClient
 
-    from tasks.finetune import config_hash
     from tasks.core.tracking import mlflow_client
+    from tasks.finetune import config_hash
 
     cfg, res = finetuned
     client: MlflowClient = mlflow_client()
@@ -310,8 +310,9 @@ def _answers(client: openai.OpenAI, model: str) -> list[str]:
 
 @pytest.mark.slow
 def test_hot_load_into_running_vllm_then_unload(lora_server, finetuned):
+    from tasks.deploy.adapters import hot_load, hot_unload, resolve_adapter
+    from tasks.serving.lora import served_adapters
     from tasks.store import audit
-    from tasks.deploy.adapters import hot_load, hot_unload, resolve_adapter, served_adapters
 
     _, res = finetuned
     adapter = resolve_adapter(f"models:/{MODEL_NAME}/{res.registered_version}")
@@ -346,8 +347,8 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
     from flows.cli import main
     from gateway.app import create_app
     from tasks import store
-    from tasks.store import audit
     from tasks.serving.local import free_port
+    from tasks.store import audit
 
     _, res = finetuned
     store.attach_server("ft-ep", base_url=lora_server.base_url, served_model="demo-lora", actor="test")

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from threaded_gateway import ThreadedGateway, wait_for
 
 from tasks import store
-from tasks.store import audit
 from tasks.serving.local import free_port
+from tasks.store import audit
 
 pytestmark = pytest.mark.slow
 

@@ -11,19 +11,19 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.deploy import EndpointSpec, load_spec, plan_revision
 from tasks.core.errors import ConfigError
-from tasks.serving.k8s import K8sOptions, pod_args, render_endpoint, validate_manifest
-from tasks.serving.ray import RayTarget
 from tasks.core.settings import PROJECT_ROOT
+from tasks.deploy import EndpointSpec, load_spec, plan_revision, render_k8s
+from tasks.serving.k8s import K8sOptions, pod_args, validate_manifest
+from tasks.serving.ray import RayTarget
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 
 
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
-    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
+    from tasks.register import register_model
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
     mlflow_client().set_registered_model_alias("demo", "champion", reg.version)
@@ -49,7 +49,7 @@ def one(files: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
 def test_the_rayservice_embeds_the_serve_config_the_ray_target_deploys(demo_version: str):
     spec = load_spec(SPEC_PATH)
     plan = plan_revision(spec)
-    files = render_endpoint(spec, plan, K8sOptions())  # validates every manifest before returning
+    files = render_k8s(spec, plan, K8sOptions())  # validates every manifest before returning
     assert set(files) == {"models-pvc.yaml", "rayservice.yaml"}  # 2 replicas: no plain Deployment
     rs = one(files, "RayService")
     assert rs["apiVersion"] == "ray.io/v1" and rs["metadata"]["name"] == "demo-ray"
@@ -82,7 +82,7 @@ def test_a_gpu_endpoint_of_one_replica_gets_gpus_and_a_plain_deployment(demo_ver
     spec = spec_with(hardware="l4-24gb-x2", ray={"min_replicas": 1, "max_replicas": 1})
     plan = plan_revision(spec)
     assert plan.vllm.tensor_parallel_size == 2  # auto: the tier's GPU count
-    files = render_endpoint(spec, plan, K8sOptions(image="registry.example/llmhost-vllm:1", namespace="llm"))
+    files = render_k8s(spec, plan, K8sOptions(image="registry.example/llmhost-vllm:1", namespace="llm"))
     assert set(files) == {"models-pvc.yaml", "rayservice.yaml", "deployment.yaml"}
     worker = one(files, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     res = worker["containers"][0]["resources"]
@@ -103,7 +103,7 @@ def test_a_gpu_endpoint_of_one_replica_gets_gpus_and_a_plain_deployment(demo_ver
 
 def test_a_manifest_with_an_error_is_caught(demo_version: str):
     spec = spec_with(ray={"min_replicas": 1, "max_replicas": 1})
-    files = render_endpoint(spec, plan_revision(spec), K8sOptions())
+    files = render_k8s(spec, plan_revision(spec), K8sOptions())
     dep, rs = one(files, "Deployment"), one(files, "RayService")
 
     def broken(doc: dict[str, Any], change: Any) -> dict[str, Any]:

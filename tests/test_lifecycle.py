@@ -55,8 +55,7 @@ def _finetune_runs() -> int:
 
 
 def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir, gateway_port):
-    from flows.lifecycle import lifecycle
-    from tasks.lifecycle import LifecycleParams
+    from flows.lifecycle import LifecycleParams, lifecycle
     from tasks.promote import current_aliases
 
     before = _finetune_runs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from tasks.core.errors import PromotionError
@@ -58,6 +59,34 @@ def test_latency_limit_rejects_a_slow_candidate():
     assert not d.promote and "latency p95 ratio" in d.summary
 
 
+def test_confidence_sets_the_interval_the_decision_is_read_at():
+    # A gain of 0.03 whose paired draws have sd 0.02: zero is inside the 95% interval, outside the 80% one.
+    draws = np.random.default_rng(0).normal(0.03, 0.02, 4000)
+    q95, q80 = np.quantile(draws, [0.025, 0.975]), np.quantile(draws, [0.1, 0.9])
+    assert q95[0] < 0 < q80[0]
+    cmp = _cmp((0.03, float(q95[0]), float(q95[1])))
+    cmp.metrics[0].diff_draws = draws.tolist()
+    cmp.metrics[1].diff_draws = np.random.default_rng(1).normal(0.0, 0.005, 4000).tolist()
+    assert not decide(cmp, PromotionPolicy()).promote
+    d = decide(cmp, PromotionPolicy(confidence=0.8))
+    assert d.promote, d.summary
+    assert f"80% CI [{q80[0]:+.3f}" in d.checks[0].detail
+    # guards are read at the same level: a drop allowed at 80% fires at 99%
+    cmp.metrics[1].diff_draws = (draws - 0.05).tolist()
+    strict = PromotionPolicy(confidence=0.99, must_improve=[], guards={"macro_f1": 0.05})
+    assert decide(cmp, PromotionPolicy(confidence=0.8, must_improve=[], guards={"macro_f1": 0.05})).promote
+    assert not decide(cmp, strict).promote
+
+
+def test_policy_suite_refuses_evidence_from_another_suite():
+    from tasks.core.errors import ConfigError
+
+    assert decide(_cmp((0.6, 0.5, 0.7)), PromotionPolicy(suite="demo_routing")).promote
+    with pytest.raises(ConfigError, match=r"policy.suite='support_qa' is invalid: the evidence is from suite "
+                                          r"'demo_routing'"):
+        decide(_cmp((0.6, 0.5, 0.7)), PromotionPolicy(suite="support_qa"))
+
+
 def test_unknown_policy_metric_names_the_valid_ones():
     from tasks.core.errors import ConfigError
 
@@ -85,8 +114,8 @@ def two_versions():
 
 
 def test_promote_moves_champion_and_challenger_and_rollback_restores(two_versions):
-    from tasks.store import audit
     from tasks.promote import current_aliases, move_aliases, rollback_aliases
+    from tasks.store import audit
 
     name, v1, v2 = two_versions
     rec = move_aliases(name, v2, actor="alice", evidence={"eval_runs": ["run-a", "run-b"]})
@@ -103,8 +132,8 @@ def test_promote_moves_champion_and_challenger_and_rollback_restores(two_version
 
 def test_served_at_reads_the_route_and_its_promotion_evidence():
     from tasks import store
-    from tasks.store import audit
     from tasks.promote import served_at
+    from tasks.store import audit
 
     ep = f"ep-{int(time.time() * 1000)}"
     store.upsert_endpoint(ep, actor="ops")

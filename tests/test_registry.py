@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 
 from tasks.core.errors import ConfigError, LlmhostError, RegistryError
+from tasks.core.retry import is_transient
+from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.core.tracking import get_or_create_experiment, mlflow_client
 from tasks.register import (
     MODEL_FILE_PATTERNS,
     RegisteredVersion,
+    TransientHubError,
+    VersionTags,
     find_version_by_hash,
     guess_tool_call_format,
     inspect_model_dir,
@@ -23,11 +28,8 @@ from tasks.register import (
     params_from_config,
     params_from_safetensors,
     register_model,
-    register_model_task,
     resolve_model_ref,
 )
-from tasks.core.settings import PROJECT_ROOT, get_settings
-from tasks.core.tracking import get_or_create_experiment, mlflow_client
 from tasks.register.vllm_compat import check_architectures, load_fallback, supported_architectures
 
 RUNTIME_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
@@ -516,6 +518,8 @@ def test_cli_register_and_models_commands(demo_model_dir: Path, capsys: pytest.C
 def test_register_task_in_a_flow_is_idempotent(demo_model_dir: Path) -> None:
     from prefect import flow
 
+    from flows.tasks import register_model_task
+
     @flow
     def register_flow(source: str, name: str) -> RegisteredVersion:
         return register_model_task(source, name)
@@ -525,3 +529,22 @@ def test_register_task_in_a_flow_is_idempotent(demo_model_dir: Path) -> None:
     assert first.version == second.version == "1" and first.created and not second.created
     existing = find_version_by_hash("demo-task", first.tags["content_hash"])
     assert existing is not None and str(existing.version) == "1"
+
+
+def test_version_tags_read_and_write_mlflow_strings_unchanged() -> None:
+    wire = {
+        "source": "hf:org/name@abc", "storage": "reference", "architectures": "A,B", "max_context": "",
+        "vllm_supported": "false", "adapter": "true", "lora_rank": "8", "lora_target_modules": '["q_proj"]',
+        "llmhost.note": "kept",
+    }  # fmt: skip
+    tags = VersionTags.from_mlflow(wire)
+    assert tags.architectures == ["A", "B"] and tags.max_context is None and tags.vllm_supported is False
+    assert tags.adapter and tags.lora_rank == 8 and tags.lora_target_modules == ["q_proj"]
+    assert tags.to_mlflow() == wire  # only the tags that were there, spelled as they were
+    with pytest.raises(RegistryError, match="params_total"):
+        VersionTags.from_mlflow({"params_total": "lots"})
+
+
+def test_only_a_hub_outage_is_retried() -> None:
+    assert is_transient(TransientHubError("hf:org/name: the hub could not be reached"))
+    assert not is_transient(RegistryError("hf:org/name: repo not found"))

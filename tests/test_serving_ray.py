@@ -28,12 +28,12 @@ import pytest
 from threaded_gateway import ThreadedGateway
 
 from tasks import store
-from tasks.deploy import EndpointSpec, load_spec, plan_revision
 from tasks.core.errors import ConfigError
+from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.deploy import EndpointSpec, load_spec, plan_revision
 from tasks.serving.local import free_port
 from tasks.serving.ray import RaySettings, RayTarget, code_package, deploy_config
 from tasks.serving.ray_cluster import LocalRayCluster
-from tasks.core.settings import PROJECT_ROOT, get_settings
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 NUMBERS: dict[str, Any] = {}
@@ -128,8 +128,8 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
 
 @pytest.fixture(scope="module")
 def demo_version(demo_model_dir: Path) -> str:
-    from tasks.register import register_model
     from tasks.core.tracking import mlflow_client
+    from tasks.register import register_model
 
     reg = register_model(f"path:{demo_model_dir}", "demo")
     mlflow_client().set_registered_model_alias("demo", "champion", reg.version)

@@ -345,6 +345,26 @@ def test_does_not_fit_names_what_would_with_numbers():
     assert not estimate_memory(cfg("llama-3.1-8b"), SizingRequest(max_model_len=shorter + 16), tiers).fits
 
 
+def test_refusal_and_suggestions_are_fields_and_the_explanation_renders_them():
+    est = estimate_memory(cfg("llama-3.1-8b"), SizingRequest(), [gpu("l4-x1", 22.49, 1, 0.8)])
+    assert not est.fits and est.refusal and "sequences need" in est.refusal
+    assert f"**Does not fit:** {est.refusal}." in est.explanation
+    assert est.suggestions and all(f"- {x}" in est.explanation for x in est.suggestions)
+    assert any("--quantization awq" in x for x in est.suggestions)
+    fits = estimate_memory(cfg("llama-3.1-8b"), SizingRequest(max_model_len=4096), [gpu("big", 80)])
+    assert fits.fits and fits.refusal is None and fits.suggestions == []
+
+
+def test_moe_keys_are_the_shared_ones():
+    mixtral = cfg("mixtral-8x7b-v0.1")
+    renamed = {k: v for k, v in mixtral.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    renamed.update(moe_num_experts=mixtral["num_local_experts"], moe_top_k=mixtral["num_experts_per_tok"])
+    assert count_params(parse_config(renamed)) == count_params(parse_config(mixtral))
+    no_top_k = {k: v for k, v in mixtral.items() if k != "num_experts_per_tok"}
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        parse_config(no_top_k)
+
+
 def test_pinned_tier_suggests_more_tensor_parallelism():
     tiers = [gpu("t4-x1", 15, 1, 0.5), gpu("t4-x2", 15, 2, 1.0)]
     est = estimate_memory(cfg("llama-3.1-8b"), SizingRequest(max_model_len=8192, tier="t4-x1"), tiers)
@@ -465,6 +485,8 @@ def test_cli_json_has_exactly_the_issue_keys(capsys):
         "kv_capacity_tokens",
         "max_concurrency",
         "recommendation",
+        "refusal",
+        "suggestions",
         "explanation",
     ]
     assert list(data["recommendation"]) == [

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine
 
 from tasks import store
-from tasks.store import audit
 from tasks.core.errors import AccessError, ConfigError, GatewayError
+from tasks.store import audit
 
 
 @pytest.fixture()

@@ -18,8 +18,7 @@ def attach(
     owner: str = typer.Option(None, help="Who answers for it."),
 ) -> None:
     """Register an existing vLLM server as an endpoint replica (run again with another URL to add one)."""
-    from tasks.store import audit
-    from tasks.store import attach_server
+    from tasks.store import attach_server, audit
 
     adapters = {}
     for item in adapter:

@@ -57,7 +57,9 @@ def run(
     from rich.table import Table
 
     from tasks.evaluate.compare import pass_checks, summarize
-    from tasks.evaluate.mlflow_log import evaluate_target, experiment_name
+    from tasks.evaluate.mlflow_logging import experiment_name
+    from tasks.evaluate.report import pass_line, score_cells, stats_line
+    from tasks.evaluate.running import evaluate_target
     from tasks.evaluate.suite import load
 
     loaded = load(suite, limit=limit)
@@ -72,21 +74,15 @@ def run(
     )
     console = Console()
     table = Table("score", "value", "95% CI", title=f"{loaded.suite.name} v{loaded.suite.version} @ {target}")
-    for name, iv in summarize(result).items():
-        table.add_row(name, f"{iv.value:.3f}", f"[{iv.low:.3f}, {iv.high:.3f}]")
+    summaries = summarize(result)
+    for name, iv in summaries.items():
+        table.add_row(name, *score_cells(iv))
     console.print(table)
-    s = result.stats
-    console.print(
-        f"{s.n_ok}/{s.n} ok, {s.n_failed} failed, retries {s.retries}; {s.throughput_rps:.2f} req/s at "
-        f"concurrency {s.concurrency}; latency p50 {s.latency_p50_s or 0:.3f}s "
-        f"p95 {s.latency_p95_s or 0:.3f}s; TTFT p50 {s.ttft_p50_s or 0:.3f}s; "
-        f"tokens in/out {s.tokens_in_mean or 0:.1f}/{s.tokens_out_mean or 0:.1f}"
-    )
+    console.print(stats_line(result.stats))
     for f in [r for r in result.records if not r.ok][:5]:
         console.print(f"[red]failed[/red] {f.id}: {f.error}")
-    checks = pass_checks(loaded.suite, summarize(result))
-    for c in checks:
-        console.print(f"{'PASS' if c.ok else 'FAIL'} {c.score} {c.value:.3f} (minimum {c.minimum:g})")
+    for c in pass_checks(loaded.suite, summaries):
+        console.print(pass_line(c))
     console.print(f"MLflow experiment {experiment_name(loaded.suite.name)!r}, run {run_id}")
 
 
@@ -117,7 +113,7 @@ def compare(
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from tasks.evaluate.mlflow_log import compare_targets
+    from tasks.evaluate.running import compare_targets
     from tasks.evaluate.suite import load
 
     loaded = load(suite, limit=limit)

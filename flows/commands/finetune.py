@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
     def list_cmd(endpoint: str = typer.Argument(..., help="Endpoint name.")) -> None:
         """Adapters the endpoint's live revision serves, and what each replica reports."""
         from tasks import store
-        from tasks.deploy.adapters import served_adapters
+        from tasks.serving.lora import served_adapters
 
         e = store.get_endpoint(endpoint)
         revs = [r for r in store.list_revisions(endpoint) if r.id == e.live_revision_id]

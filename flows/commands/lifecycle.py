@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         eval_limit: int | None = typer.Option(None, help="Evaluate only the first N examples."),
     ) -> None:
         """Run the whole lifecycle as the Prefect `lifecycle` flow and print its summary."""
-        from tasks.lifecycle import LifecycleParams
+        from flows.lifecycle_models import LifecycleParams
 
         params = LifecycleParams(source=source, model_name=name, endpoint_spec=spec, suite=suite,
                                  frontier=frontier, finetune_config=finetune_config,
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from tasks import store
-        from tasks.lifecycle import LifecycleParams
+        from flows.lifecycle_models import LifecycleParams
         from tasks.promote import PromotionPolicy
 
         console = Console()
@@ -99,11 +99,13 @@ def register(app: typer.Typer) -> None:
         dataset: str = typer.Option(..., "--dataset", help="Dataset name."),
     ) -> None:
         """Append FILE to the dataset and emit `llmhost.dataset.updated` (triggers retraining)."""
-        from tasks.datasets import add_rows
+        from flows.events import emit_dataset_updated
+        from tasks.finetune import add_rows
 
         res = add_rows(file, dataset)
+        event_id = emit_dataset_updated(res)
         typer.echo(f"{dataset}: +{res.added} rows ({res.rows} total), hash {res.hash[:12]}; "
-                   f"event {res.event_id or 'not emitted'}")
+                   f"event {event_id or 'not emitted'}")
 
     audit_group = next((g.typer_instance for g in app.registered_groups if g.name == "audit"), None)
     if audit_group is not None:

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Register a model version in MLflow (reused when the same content is already registered)."""
         from rich.console import Console
 
-        from tasks.register import register_model
+        from tasks.register import VersionTags, register_model
 
         console = Console()
         with console.status(f"registering {source} as {name}..."):
@@ -47,8 +47,9 @@ def register(app: typer.Typer) -> None:
         verb = "registered" if result.created else "already registered (same content hash)"
         console.print(f"{result.name} version {result.version}: {verb}  ->  {result.model_uri}")
         console.print(_tag_table(f"tags of {result.model_uri}", result.tags))
-        if result.tags.get("vllm_supported") != "true":
-            console.print(f"[yellow]vllm_supported=false: {result.tags.get('vllm_reason', '')}[/yellow]")
+        tags = VersionTags.from_mlflow(result.tags)
+        if not tags.vllm_supported:
+            console.print(f"[yellow]vllm_supported=false: {tags.vllm_reason or ''}[/yellow]")
 
     models = typer.Typer(help="Registered models.", no_args_is_help=True)
     app.add_typer(models, name="models")
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from tasks.register import list_models
+        from tasks.register import VersionTags, list_models
 
         rows = list_models()
         if as_json:
@@ -67,12 +68,13 @@ def register(app: typer.Typer) -> None:
             return
         table = Table("name", "latest", "aliases", "architectures", "params", "dtype", "ctx", "vLLM")
         for r in rows:
-            t = r.tags
+            t = VersionTags.from_mlflow(r.tags)
             aliases = ", ".join(f"{a}->{v}" for a, v in sorted(r.aliases.items()))
-            params = f"{int(t['params_total']) / 1e6:.2f}M" if t.get("params_total", "").isdigit() else "?"
+            params = f"{t.params_total / 1e6:.2f}M" if t.params_total is not None else "?"
+            vllm = "" if t.vllm_supported is None else str(t.vllm_supported).lower()
             table.add_row(
-                r.name, r.latest_version or "-", aliases, t.get("architectures", ""), params,
-                t.get("dtype", ""), t.get("max_context", ""), t.get("vllm_supported", ""),
+                r.name, r.latest_version or "-", aliases, ",".join(t.architectures or []), params,
+                t.dtype or "", str(t.max_context or ""), vllm,
             )  # fmt: skip
         Console().print(table)
 

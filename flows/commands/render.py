@@ -28,9 +28,9 @@ def k8s(
     from pydantic import ValidationError
 
     from tasks import store
-    from tasks.deploy import load_spec, pinned_spec, plan_revision
     from tasks.core.errors import ConfigError
-    from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, dump_manifests, k8s_name, render_endpoint
+    from tasks.deploy import load_spec, pinned_spec, plan_revision, render_k8s
+    from tasks.serving.k8s import DEFAULT_IMAGE, K8sOptions, dump_manifests, k8s_name
 
     path = Path(endpoint)
     if path.suffix in (".yaml", ".yml") or path.is_file():
@@ -49,7 +49,7 @@ def k8s(
         err = exc.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}", err.get("input"), err["msg"]) from None
     plan = plan_revision(spec)
-    files = render_endpoint(spec, plan, opts)
+    files = render_k8s(spec, plan, opts)
     folder = out or Path("k8s") / k8s_name(spec.name)
     folder.mkdir(parents=True, exist_ok=True)
     for name, docs in files.items():

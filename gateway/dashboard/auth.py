@@ -15,11 +15,12 @@ from pathlib import Path
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Engine, select
 
-from gateway.dashboard.tables import DashboardAdmin, ensure_tables
-from tasks import store
-from tasks.store import audit
+from gateway.dashboard.tables import DashboardAdmin, dashboard_session, ensure_tables
 from tasks.core.errors import ConfigError
 from tasks.core.settings import get_settings
+from tasks.store import audit
+from tasks.store.keys import get_key, verify_key
+from tasks.store.schema import get_engine
 
 COOKIE = "llmhost_ui"
 SESSION_MAX_AGE_S = 12 * 3600
@@ -67,7 +68,7 @@ class Sessions:
 
     def login(self, raw_key: str) -> tuple[Viewer, str]:
         """Verify a raw key (AccessError when invalid) and return the viewer and the cookie value."""
-        info = store.verify_key(raw_key.strip(), engine=self.engine)
+        info = verify_key(raw_key.strip(), engine=self.engine)
         viewer = Viewer(info.prefix, info.user, info.team, is_admin(info.user, engine=self.engine))
         return viewer, self.signer.dumps({"p": info.prefix})
 
@@ -82,38 +83,19 @@ class Sessions:
         prefix = data.get("p") if isinstance(data, dict) else None
         if not isinstance(prefix, str):
             return None
-        info = key_by_prefix(prefix, engine=self.engine)
+        info = get_key(prefix, engine=self.engine)
         if info is None or info.revoked_at is not None or info.is_expired():
             return None
         return Viewer(info.prefix, info.user, info.team, is_admin(info.user, engine=self.engine))
-
-
-def key_by_prefix(prefix: str, *, engine: Engine) -> store.KeyInfo | None:
-    with store.session_scope(engine) as s:
-        row = s.execute(select(store.ApiKey).where(store.ApiKey.prefix == prefix)).scalar_one_or_none()
-        if row is None:
-            return None
-        user = s.get(store.User, row.user_id)
-        team = s.get(store.Team, row.team_id) if row.team_id else None
-        return store.KeyInfo(
-            row.id,
-            row.prefix,
-            user.name if user else "?",
-            team.name if team else None,
-            row.expires_at,
-            row.revoked_at,
-            row.created_at,
-            row.description,
-        )
 
 
 # ------------------------------------------------------------------------------------------ admins
 
 
 def is_admin(user: str, *, engine: Engine | None = None) -> bool:
-    engine = engine or store.get_engine()
+    engine = engine or get_engine()
     ensure_tables(engine)
-    with store.session_scope(engine) as s:
+    with dashboard_session(engine) as s:
         return s.get(DashboardAdmin, user) is not None
 
 
@@ -121,9 +103,9 @@ def set_admin(user: str, admin: bool = True, *, actor: str = "system", engine: E
     """Give or take a user's admin flag (audited); False when it was already so."""
     if not user or not user.strip():
         raise ConfigError("user", user, "give a user name, e.g. `llmhost dashboard admin alice`")
-    engine = engine or store.get_engine()
+    engine = engine or get_engine()
     ensure_tables(engine)
-    with store.session_scope(engine) as s:
+    with dashboard_session(engine) as s:
         row = s.get(DashboardAdmin, user)
         if (row is not None) == admin:
             return False
@@ -138,7 +120,7 @@ def set_admin(user: str, admin: bool = True, *, actor: str = "system", engine: E
 
 
 def list_admins(*, engine: Engine | None = None) -> list[str]:
-    engine = engine or store.get_engine()
+    engine = engine or get_engine()
     ensure_tables(engine)
-    with store.session_scope(engine) as s:
+    with dashboard_session(engine) as s:
         return list(s.execute(select(DashboardAdmin.user).order_by(DashboardAdmin.user)).scalars())

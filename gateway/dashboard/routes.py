@@ -20,11 +20,13 @@ from starlette.templating import Jinja2Templates
 
 from gateway.dashboard import data
 from gateway.dashboard.auth import COOKIE, SESSION_MAX_AGE_S, Sessions, Viewer
+from gateway.dashboard.health import health_view
+from gateway.dashboard.overview import overview_of
 from gateway.dashboard.sampler import Sampler
 from gateway.dashboard.snippets import KEY_ENV, snippets
 from gateway.dashboard.tables import ensure_tables
-from tasks import store
 from tasks.core.errors import AccessError, GatewayError
+from tasks.store.routes import get_endpoint, load_routes
 
 log = logging.getLogger("llmhost.gateway.dashboard")
 HERE = Path(__file__).parent
@@ -94,7 +96,7 @@ class Dashboard:
         """Endpoint names the viewer's key may call; None (all) for admins."""
         if viewer.admin:
             return None
-        _, routes = store.load_routes(engine=self.engine)
+        _, routes = load_routes(engine=self.engine)
         return {
             n
             for n, r in routes.items()
@@ -122,7 +124,7 @@ class Dashboard:
         exists = True
         if visible is None:
             try:
-                await self.run(lambda: store.get_endpoint(name, engine=self.engine))
+                await self.run(lambda: get_endpoint(name, engine=self.engine))
             except GatewayError:
                 exists = False
         if not exists or (visible is not None and name not in visible):
@@ -190,7 +192,7 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
-            ov = data.overview(self.engine, name)
+            ov = overview_of(self.engine, name)
             alias = None
             if ov.live and ov.live.model_version:
                 alias = self.aliases({ov.live.model_version}).get(ov.live.model_version)
@@ -202,8 +204,8 @@ class Dashboard:
         base_url = f"{str(request.base_url).rstrip('/')}/v1"
 
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
-            e = store.get_endpoint(name, engine=self.engine)
-            _, routes = store.load_routes(engine=self.engine)
+            e = get_endpoint(name, engine=self.engine)
+            _, routes = load_routes(engine=self.engine)
             route = routes.get(name)
             adapters = sorted(route.adapters) if route else []
             return {
@@ -235,7 +237,7 @@ class Dashboard:
 
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
             return {
-                "h": data.health(self.engine, name, window),
+                "h": health_view(self.engine, name, window),
                 "window": window,
                 "windows": list(data.WINDOWS),
                 "interval": self.sampler.interval_s if self.sampler else None,
@@ -261,7 +263,7 @@ class Dashboard:
                 },
                 status_code=403,
             )
-        _, routes = await self.run(lambda: store.load_routes(engine=self.engine))
+        _, routes = await self.run(lambda: load_routes(engine=self.engine))
         groups = []
         for name, route in sorted(routes.items()):
             for r in route.replicas:

@@ -22,9 +22,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, delete, insert
 
-from gateway.dashboard.tables import ReplicaSample, ensure_tables
+from gateway.dashboard.tables import ReplicaSample, dashboard_session, ensure_tables
 from gateway.routing import root_url
-from tasks import store
+from tasks.store.routes import load_routes, replica_pids
+from tasks.store.schema import utcnow
 
 log = logging.getLogger("llmhost.gateway.dashboard")
 
@@ -247,13 +248,13 @@ class Sampler:
 
     async def sample_once(self) -> int:
         """One round over the live replicas; returns the number of rows written."""
-        _, routes = await anyio.to_thread.run_sync(lambda: store.load_routes(engine=self.engine))
+        _, routes = await anyio.to_thread.run_sync(lambda: load_routes(engine=self.engine))
         reps = [(name, r) for name, route in routes.items() for r in route.replicas]
         if not reps:
             return 0
-        pids = await anyio.to_thread.run_sync(lambda: _replica_pids([r.id for _, r in reps], self.engine))
+        pids = await anyio.to_thread.run_sync(lambda: replica_pids([r.id for _, r in reps], engine=self.engine))
         scraped = await asyncio.gather(*(self._scrape(r.base_url) for _, r in reps))
-        now = store.utcnow()
+        now = utcnow()
 
         def measure_and_write() -> int:
             gpus = nvml_devices()
@@ -272,7 +273,7 @@ class Sampler:
                         **hw,
                     }
                 )
-            with store.session_scope(self.engine) as s:
+            with dashboard_session(self.engine) as s:
                 s.execute(insert(ReplicaSample), rows)
                 if time.monotonic() - self._last_prune > 3600:
                     s.execute(delete(ReplicaSample).where(ReplicaSample.ts < now - RETENTION))
@@ -283,10 +284,3 @@ class Sampler:
         self.rounds += 1
         return n
 
-
-def _replica_pids(ids: list[int], engine: Engine) -> dict[int, int | None]:
-    from sqlalchemy import select
-
-    with store.session_scope(engine) as s:
-        q = select(store.ReplicaRow.id, store.ReplicaRow.pid).where(store.ReplicaRow.id.in_(ids))
-        return {rid: pid for rid, pid in s.execute(q)}

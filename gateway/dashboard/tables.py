@@ -7,12 +7,14 @@ them without changing the store's schema module; `ensure_tables` creates them wh
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from sqlalchemy import Engine, Float, Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tasks.store import UTCDateTime, utcnow
+from tasks.store.schema import UTCDateTime, utcnow
 
 
 class DashBase(DeclarativeBase):
@@ -64,3 +66,10 @@ def ensure_tables(engine: Engine) -> None:
             return
         DashBase.metadata.create_all(engine)
         _done.add(id(engine))
+
+
+@contextmanager
+def dashboard_session(engine: Engine) -> Iterator[Session]:
+    """One transaction on the dashboard's own tables, committed on success; rows stay readable after it."""
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        yield s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,23 +11,22 @@ import yaml
 from pydantic import BaseModel, Field
 
 from tasks.core.errors import EvalError
-from tasks.evaluate.metrics import ScoreColumn
-from tasks.evaluate.runner import RunResult, RunStats
-from tasks.evaluate.suite import (
+from tasks.evaluate.metric_specs import (
     Classification,
-    EvalSuite,
     ExactMatch,
     FieldF1,
     JsonSchema,
     NormalizedMatch,
-    Thresholds,
     ToolCall,
 )
+from tasks.evaluate.metrics import ScoreColumn
+from tasks.evaluate.runner import RunResult, RunStats
+from tasks.evaluate.suite import EvalSuite, Thresholds
 from tasks.evaluate.targets import Pricing
-from tasks.core.settings import PROJECT_ROOT
+from tasks.size.io import load_tiers
 
 N_BOOT = 2000
-TIERS_FILE = PROJECT_ROOT / "tasks" / "tiers.yaml"
+LEVEL = 0.95  # the level of every interval a comparison reports
 REDUCED_PRECISION = {"fp8", "int8", "int4", "awq", "gptq", "bitsandbytes", "nf4", "w8a8", "w4a16"}
 
 # ---------------------------------------------------------------------------------------------- bootstrap
@@ -48,28 +48,36 @@ def _finite_idx(*cols: ScoreColumn) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
-def bootstrap_ci(col: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> Interval:
+def _nan_interval() -> Interval:
+    return Interval(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
+
+
+def percentile_interval(value: float, stats: np.ndarray, level: float, n: int) -> Interval:
+    """The central `level` interval of bootstrap statistics around the observed `value`."""
+    a = (1 - level) / 2
+    return Interval(value=value, low=float(np.quantile(stats, a)), high=float(np.quantile(stats, 1 - a)), n=n)
+
+
+def _resample(idx: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
+
+
+def bootstrap_ci(col: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Interval:
     """Percentile bootstrap interval of a score's suite value (mean, macro-F1 or corpus BLEU)."""
     idx = _finite_idx(col)
     if len(idx) == 0:
-        return Interval(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
-    rng = np.random.default_rng(seed)
-    draws = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
+        return _nan_interval()
+    draws = _resample(idx, n_boot, seed)
     corpus = col.corpus
     stats = col.values[draws].mean(axis=1) if corpus is None else np.array([corpus(d) for d in draws])
-    a = (1 - level) / 2
-    return Interval(
-        value=col.value(idx),
-        low=float(np.quantile(stats, a)),
-        high=float(np.quantile(stats, 1 - a)),
-        n=len(idx),
-    )
+    return percentile_interval(col.value(idx), stats, level, len(idx))
 
 
-def paired_bootstrap(
-    cand: ScoreColumn, base: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
-) -> Interval:
-    """Interval of (candidate - baseline), resampling the same examples for both."""
+def paired_draws(
+    cand: ScoreColumn, base: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0
+) -> tuple[float, np.ndarray, int]:
+    """(observed candidate - baseline, its bootstrap draws, examples), resampling the same examples for both."""
     if len(cand.values) != len(base.values):
         raise EvalError(
             f"score {cand.name}: runs have {len(cand.values)} and {len(base.values)} examples; "
@@ -77,20 +85,21 @@ def paired_bootstrap(
         )
     idx = _finite_idx(cand, base)
     if len(idx) == 0:
-        return Interval(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
-    rng = np.random.default_rng(seed)
-    draws = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
+        return float("nan"), np.empty(0), 0
+    draws = _resample(idx, n_boot, seed)
     if cand.corpus is None and base.corpus is None:
         stats = (cand.values[draws] - base.values[draws]).mean(axis=1)
     else:
         stats = np.array([cand.value(d) - base.value(d) for d in draws])
-    a = (1 - level) / 2
-    return Interval(
-        value=cand.value(idx) - base.value(idx),
-        low=float(np.quantile(stats, a)),
-        high=float(np.quantile(stats, 1 - a)),
-        n=len(idx),
-    )
+    return cand.value(idx) - base.value(idx), stats, len(idx)
+
+
+def paired_bootstrap(
+    cand: ScoreColumn, base: ScoreColumn, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
+) -> Interval:
+    """Interval of (candidate - baseline), resampling the same examples for both."""
+    value, stats, n = paired_draws(cand, base, n_boot, seed)
+    return percentile_interval(value, stats, level, n) if n else _nan_interval()
 
 
 def summarize(result: RunResult, n_boot: int = N_BOOT) -> dict[str, Interval]:
@@ -123,17 +132,12 @@ def frontier_cost(stats: RunStats, pricing: Pricing) -> CostEstimate:
 
 
 def tier_hourly_price(tier: str, path: Path | None = None) -> float:
-    """Hourly USD price of `tier`: the sizing catalog (tasks/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
+    """Hourly USD price of `tier`: the sizing catalog (tasks/size/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
     if path is None:
-        try:
-            from tasks.size.io import load_tiers
-        except ImportError:  # the sizing step is optional for evaluation
-            path = TIERS_FILE
-        else:
-            tiers = {t.name: t for t in load_tiers()}
-            if tier not in tiers:
-                raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
-            return float(tiers[tier].price_per_hour)
+        tiers = {t.name: t for t in load_tiers()}
+        if tier not in tiers:
+            raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
+        return float(tiers[tier].price_per_hour)
     if not path.is_file():
         raise EvalError(f"tier={tier!r}: no tier catalog at {path}; pass --hourly-price USD instead")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -170,6 +174,17 @@ def self_hosted_cost(stats: RunStats, hourly_usd: float, tier: str | None = None
     )
 
 
+def cost_of(result: RunResult, hourly_price: float | None, tier: str | None) -> CostEstimate:
+    """A run's cost per 1k requests: list prices for a frontier, the hourly price (or tier's) otherwise."""
+    if result.target.pricing is not None:
+        return frontier_cost(result.stats, result.target.pricing)
+    if hourly_price is None and tier:
+        hourly_price = tier_hourly_price(tier)
+    if hourly_price is None:
+        return CostEstimate(per_1k_requests_usd=None, basis="no hourly price: pass --tier or --hourly-price")
+    return self_hosted_cost(result.stats, hourly_price, tier)
+
+
 # ---------------------------------------------------------------------------------------------- verdict
 
 
@@ -185,6 +200,23 @@ class MetricComparison(BaseModel):
     ties: int | None = None
     losses: int | None = None
     format_score: bool = False
+    diff_draws: list[float] = Field(
+        default_factory=list,
+        exclude=True,
+        repr=False,
+        description="The paired bootstrap's draws of `diff`, for an interval at another level; not serialized.",
+    )
+
+    def diff_at(self, level: float) -> Interval:
+        """`diff` as an interval at `level`: the same paired bootstrap draws, other percentiles."""
+        if self.diff.n == 0 or math.isclose(level, LEVEL):
+            return self.diff
+        if not self.diff_draws:
+            raise EvalError(
+                f"confidence={level:g}: the comparison of {self.name} kept no bootstrap draws (it was read back "
+                f"from JSON); re-run the comparison, or use confidence={LEVEL:g}"
+            )
+        return percentile_interval(self.diff.value, np.asarray(self.diff_draws), level, self.diff.n)
 
 
 class Check(BaseModel):
@@ -204,7 +236,7 @@ class Verdict(BaseModel):
 NARROW_KINDS = (Classification, ToolCall, FieldF1, JsonSchema, ExactMatch, NormalizedMatch)
 
 
-def decide(
+def verdict_for(
     thresholds: Thresholds,
     primary: MetricComparison,
     formats: list[MetricComparison],
@@ -333,16 +365,6 @@ def _wtl(cand: ScoreColumn, base: ScoreColumn) -> tuple[int, int, int] | tuple[N
     return int((d > 1e-9).sum()), int((np.abs(d) <= 1e-9).sum()), int((d < -1e-9).sum())
 
 
-def _cost(result: RunResult, hourly_price: float | None, tier: str | None) -> CostEstimate:
-    if result.target.pricing is not None:
-        return frontier_cost(result.stats, result.target.pricing)
-    if hourly_price is None and tier:
-        hourly_price = tier_hourly_price(tier)
-    if hourly_price is None:
-        return CostEstimate(per_1k_requests_usd=None, basis="no hourly price: pass --tier or --hourly-price")
-    return self_hosted_cost(result.stats, hourly_price, tier)
-
-
 def compare(
     suite: EvalSuite,
     candidate: RunResult,
@@ -364,22 +386,24 @@ def compare(
     for name in suite.score_names:
         c, b = candidate.columns[name], baseline.columns[name]
         w, t, lo = _wtl(c, b)
+        value, draws, n = paired_draws(c, b, n_boot)
         mcs.append(
             MetricComparison(
                 name=name,
                 candidate=bootstrap_ci(c, n_boot),
                 baseline=bootstrap_ci(b, n_boot),
-                diff=paired_bootstrap(c, b, n_boot),
+                diff=percentile_interval(value, draws, LEVEL, n) if n else _nan_interval(),
                 wins=w,
                 ties=t,
                 losses=lo,
                 format_score=name in fmt_names,
+                diff_draws=draws.tolist(),
             )
         )
     by_name = {m.name: m for m in mcs}
-    cand_cost, base_cost = _cost(candidate, hourly_price, tier), _cost(baseline, hourly_price, tier)
+    cand_cost, base_cost = cost_of(candidate, hourly_price, tier), cost_of(baseline, hourly_price, tier)
     narrow = all(isinstance(m, NARROW_KINDS) for m in suite.metrics)
-    verdict = decide(
+    verdict = verdict_for(
         suite.thresholds,
         by_name[suite.primary],
         [m for m in mcs if m.format_score],
@@ -402,126 +426,6 @@ def compare(
         primary=suite.primary,
         verdict=verdict,
     )
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def _fmt(iv: Interval, signed: bool = False) -> str:
-    if not np.isfinite(iv.value):
-        return "n/a"
-    s = "+" if signed else ""
-    return f"{iv.value:{s}.3f} [{iv.low:{s}.3f}, {iv.high:{s}.3f}]"
-
-
-def _s(v: float | None, unit: str = "s") -> str:
-    return "n/a" if v is None else f"{v:.3f}{unit}"
-
-
-def _delta(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None else f"{a - b:+.3f}s"
-
-
-def render_markdown(cmp: Comparison) -> str:
-    """The comparison report (also the Prefect artifact)."""
-    c, b, v = cmp.candidate, cmp.baseline, cmp.verdict
-    lines = [
-        f"# {cmp.suite} v{cmp.suite_version}: `{c.target}` vs `{b.target}`",
-        "",
-        f"**Verdict: {v.headline}**"
-        + (f" — numbers point to **{v.recommendation}**" if v.recommendation else ""),
-        "",
-        *[
-            f"- {'PASS' if ch.ok else ('UNKNOWN' if ch.ok is None else 'FAIL')} {ch.name}: {ch.detail}"
-            for ch in v.checks
-        ],
-        *([f"- {r}" for r in v.reasons if r.startswith("numbers point to")]),
-        "",
-        f"Candidate `{c.target}` (model `{c.model}`) is the would-be replacement; baseline `{b.target}` "
-        f"(model `{b.model}`). Suite hash `{cmp.suite_hash}`, {c.stats.n} examples, 95% percentile bootstrap "
-        f"({N_BOOT} resamples, paired for differences). Primary score: `{cmp.primary}`.",
-        "",
-        "## Quality",
-        "",
-        "| score | candidate | baseline | candidate - baseline | win / tie / loss |",
-        "|---|---|---|---|---|",
-    ]
-    for m in cmp.metrics:
-        wtl = "corpus-level" if m.wins is None else f"{m.wins} / {m.ties} / {m.losses}"
-        name = f"**{m.name}**" if m.name == cmp.primary else m.name
-        lines.append(f"| {name} | {_fmt(m.candidate)} | {_fmt(m.baseline)} | {_fmt(m.diff, True)} | {wtl} |")
-    cs, bs = c.stats, b.stats
-    lines += [
-        "",
-        "## Latency and load",
-        "",
-        "| | candidate | baseline | delta |",
-        "|---|---|---|---|",
-        *[
-            f"| {label} | {_s(getattr(cs, key))} | {_s(getattr(bs, key))} | "
-            f"{_delta(getattr(cs, key), getattr(bs, key))} |"
-            for label, key in (
-                ("latency p50", "latency_p50_s"),
-                ("latency p95", "latency_p95_s"),
-                ("TTFT p50", "ttft_p50_s"),
-                ("TTFT p95", "ttft_p95_s"),
-            )
-        ],
-        f"| throughput | {cs.throughput_rps:.2f} req/s | {bs.throughput_rps:.2f} req/s | "
-        f"at concurrency {cs.concurrency} |",
-        f"| tokens in / out (mean) | {cs.tokens_in_mean or 0:.1f} / {cs.tokens_out_mean or 0:.1f} | "
-        f"{bs.tokens_in_mean or 0:.1f} / {bs.tokens_out_mean or 0:.1f} | |",
-        f"| failed / retries | {cs.n_failed} / {sum(cs.retries.values())} | "
-        f"{bs.n_failed} / {sum(bs.retries.values())} | |",
-        "",
-        "## Cost per 1k requests",
-        "",
-    ]
-    for label, side in (("candidate", c), ("baseline", b)):
-        cost = "unknown" if side.cost.per_1k_requests_usd is None else f"${side.cost.per_1k_requests_usd:.4f}"
-        lines.append(f"- {label} `{side.target}`: **{cost}** = {side.cost.basis}")
-        lines += [f"  - assumes {a}" for a in side.cost.assumptions]
-    return "\n".join(lines) + "\n"
-
-
-def plot(cmp: Comparison, path: Path) -> Path:
-    """Scores with 95% intervals and latency percentiles of both targets, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mets = [m for m in cmp.metrics if np.isfinite(m.candidate.value) and np.isfinite(m.baseline.value)]
-    fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(mets), 2), 2]}
-    )
-    x = np.arange(len(mets))
-    for off, side, label in (
-        (-0.2, "candidate", cmp.candidate.target),
-        (0.2, "baseline", cmp.baseline.target),
-    ):
-        vals = np.array([getattr(m, side).value for m in mets])
-        err = np.array(
-            [[v - getattr(m, side).low, getattr(m, side).high - v] for m, v in zip(mets, vals, strict=True)]
-        ).T
-        ax1.bar(x + off, vals, 0.4, yerr=err if len(mets) else None, capsize=3, label=label)
-    ax1.set_xticks(x, [m.name for m in mets], rotation=30, ha="right")
-    ax1.set_ylim(0, 1.05)
-    ax1.set_title(f"{cmp.suite} v{cmp.suite_version}: scores (95% CI)")
-    ax1.legend(fontsize=8)
-    lat_names = ["latency p50", "latency p95", "TTFT p50", "TTFT p95"]
-    keys = ["latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s"]
-    xl = np.arange(len(keys))
-    for off, run in ((-0.2, cmp.candidate), (0.2, cmp.baseline)):
-        ax2.bar(xl + off, [getattr(run.stats, k) or 0 for k in keys], 0.4, label=run.target)
-    ax2.set_xticks(xl, lat_names, rotation=30, ha="right")
-    ax2.set_ylabel("seconds")
-    ax2.set_title(f"verdict: {cmp.verdict.headline}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 class PassCheck(BaseModel):

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluate.suite import (
+from tasks.evaluate.metric_specs import (
     Bleu,
     Classification,
     Contains,
-    EvalSuite,
     ExactMatch,
     FieldF1,
     JsonSchema,
@@ -34,6 +33,7 @@ from tasks.evaluate.suite import (
     RougeL,
     ToolCall,
 )
+from tasks.evaluate.suite import EvalSuite
 
 
 @dataclass

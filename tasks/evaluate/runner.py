@@ -19,10 +19,11 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from tasks.core.errors import EvalError
-from tasks.evaluate.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
-from tasks.evaluate.suite import Example, GenerationParams, LlmJudge, LoadedSuite
-from tasks.evaluate.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
 from tasks.core.settings import get_settings
+from tasks.evaluate.metric_specs import LlmJudge
+from tasks.evaluate.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
+from tasks.evaluate.suite import Example, GenerationParams, LoadedSuite
+from tasks.evaluate.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -98,12 +99,17 @@ class _Failure(Exception):
         super().__init__(message)
 
 
-def make_client(target: ResolvedTarget, timeout_s: float) -> openai.AsyncOpenAI:
-    """Async client with SDK retries off: the runner retries itself so that it can count them."""
+def make_client(
+    target: ResolvedTarget, timeout_s: float, api_key: str | None = None
+) -> openai.AsyncOpenAI:
+    """Async client with SDK retries off: the runner retries itself so that it can count them.
+
+    `api_key` is the gateway key for an `endpoint:` target; without it the key comes from the environment.
+    """
     s = get_settings()
     return openai.AsyncOpenAI(
         base_url=target.base_url,
-        api_key=target.api_key(),
+        api_key=target.api_key(api_key),
         max_retries=0,
         timeout=openai.Timeout(timeout_s, connect=s.connect_timeout_s),
     )
@@ -327,10 +333,15 @@ async def _run_examples(
 
 
 async def _judge(
-    loaded: LoadedSuite, spec: LlmJudge, records: list[ExampleRecord], concurrency: int, progress: bool
+    loaded: LoadedSuite,
+    spec: LlmJudge,
+    records: list[ExampleRecord],
+    concurrency: int,
+    progress: bool,
+    api_key: str | None,
 ) -> tuple[list[float | None], list[str]]:
     judge = resolve_target(spec.judge)
-    client = make_client(judge, loaded.suite.generation.request_timeout_s)
+    client = make_client(judge, loaded.suite.generation.request_timeout_s, api_key)
     await preflight(client, judge)
     counts: Counter[str] = Counter()
     sem = asyncio.Semaphore(concurrency)
@@ -400,17 +411,19 @@ async def run_suite_async(
     *,
     concurrency: int | None = None,
     progress: bool = True,
+    api_key: str | None = None,
 ) -> RunResult:
     """Run every example against `target`, then score.
 
     Only the requests run in the timed phase (traces are written afterwards from the records), so the
-    measured throughput, which the self-hosted cost is computed from, is the server's.
+    measured throughput, which the self-hosted cost is computed from, is the server's. `api_key` is the
+    gateway key for `endpoint:` targets (and an `endpoint:` judge); it is used for the client only.
     """
     if isinstance(target, str):
         target = resolve_target(target)
     suite = loaded.suite
     conc = concurrency or get_settings().eval_concurrency
-    client = make_client(target, suite.generation.request_timeout_s)
+    client = make_client(target, suite.generation.request_timeout_s, api_key)
     try:
         info = await preflight(client, target)
         counts: Counter[str] = Counter()
@@ -434,7 +447,7 @@ async def run_suite_async(
     for spec in suite.metrics:
         if isinstance(spec, LlmJudge):
             name = spec.output_names()[0]
-            judge_scores[name], notes = await _judge(loaded, spec, records, conc, progress)
+            judge_scores[name], notes = await _judge(loaded, spec, records, conc, progress, api_key)
             for rec, note in zip(records, notes, strict=True):
                 if note:
                     rec.judge_notes[name] = note
@@ -456,6 +469,15 @@ async def run_suite_async(
     return result
 
 
-def run_suite(loaded: LoadedSuite, target: ResolvedTarget | str, **kw: Any) -> RunResult:
+def run_suite(
+    loaded: LoadedSuite,
+    target: ResolvedTarget | str,
+    *,
+    concurrency: int | None = None,
+    progress: bool = True,
+    api_key: str | None = None,
+) -> RunResult:
     """Sync entry point for the CLI, flows and tests."""
-    return asyncio.run(run_suite_async(loaded, target, **kw))
+    return asyncio.run(
+        run_suite_async(loaded, target, concurrency=concurrency, progress=progress, api_key=api_key)
+    )

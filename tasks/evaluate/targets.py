@@ -1,7 +1,8 @@
 """Eval targets: `endpoint:NAME[:adapter]` (through the gateway), `frontier:NAME` and `url:BASE_URL#MODEL`.
 
-Keys are read from the environment when a client is made and are never stored on these models, so a target
-can be logged, printed or put in a Prefect parameter without leaking a secret.
+Keys are read when a client is made and are never stored on these models, so a target can be logged, printed
+or put in a Prefect parameter without leaking a secret. The gateway key may be passed in by the caller (the
+flows do); otherwise every key comes from its environment variable.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core.errors import AccessError, EvalError
-from tasks.evaluate.suite import SUITES_DIR, SuiteError
 from tasks.core.settings import get_settings
+from tasks.evaluate.suite import SUITES_DIR, SuiteError
 
 FRONTIERS_FILE = SUITES_DIR / "frontiers.yaml"
 GATEWAY_KEY_ENV = "LLMHOST_API_KEY"
@@ -72,8 +73,14 @@ class ResolvedTarget(BaseModel):
     def label(self) -> str:
         return self.spec
 
-    def api_key(self) -> str:
-        """The key's value, read now; a missing variable names itself and how to set it."""
+    def api_key(self, gateway_key: str | None = None) -> str:
+        """The key's value, read now; a missing variable names itself and how to set it.
+
+        `gateway_key`, when given, is the key of an `endpoint:` target instead of its variable; other targets
+        ignore it and read their own.
+        """
+        if gateway_key is not None and self.kind == "endpoint":
+            return gateway_key
         if self.api_key_env is None:
             return os.environ.get(URL_KEY_ENV, "EMPTY")
         value = os.environ.get(self.api_key_env)
@@ -185,6 +192,7 @@ def endpoint_revision(target: ResolvedTarget) -> tuple[str | None, str | None]:
         return None, None
     name = target.model.split(":", 1)[0]
     try:
+        # why: SQLAlchemy loads only for endpoint targets, so `eval suites` and frontier runs stay light
         from tasks import store
 
         view = next((e for e in store.list_endpoints() if e.name == name), None)

@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tasks.core.errors import ConfigError
 from tasks.serving.base import VllmArgs
-from tasks.serving.ray import RaySettings, app_config, deploy_config, runtime_env_vars
-
-if TYPE_CHECKING:
-    from tasks.deploy import EndpointSpec, RevisionPlan
+from tasks.serving.ray import Device, RaySettings, app_config, deploy_config, runtime_env_vars
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
 RAY_VERSION = "2.60.0"
@@ -105,7 +102,7 @@ def _scrape(port: int) -> dict[str, str]:
 
 
 def serve_config(
-    args: VllmArgs, *, app: str, settings: RaySettings, device: Literal["cpu", "gpu"], opts: K8sOptions,
+    args: VllmArgs, *, app: str, settings: RaySettings, device: Device, opts: K8sOptions,
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Serve config a RayService runs: the `ray` target's, with Serve on all interfaces of each pod."""
@@ -116,7 +113,7 @@ def serve_config(
 
 
 def render_rayservice(
-    *, endpoint: str, revision: str, args: VllmArgs, settings: RaySettings, device: Literal["cpu", "gpu"],
+    *, endpoint: str, revision: str, args: VllmArgs, settings: RaySettings, device: Device,
     opts: K8sOptions, extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A KubeRay RayService: a CPU-only head (GCS, dashboard, Serve controller) and one worker pod per replica."""
@@ -184,7 +181,7 @@ def render_rayservice(
 
 
 def render_deployment(
-    *, endpoint: str, revision: str, args: VllmArgs, device: Literal["cpu", "gpu"], opts: K8sOptions,
+    *, endpoint: str, revision: str, args: VllmArgs, device: Device, opts: K8sOptions,
     extra_env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """A Deployment of one vLLM server (no KubeRay) and the Service in front of it."""
@@ -393,26 +390,25 @@ def validate_manifests(docs: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------- an endpoint
 
 
-def render_endpoint(spec: EndpointSpec, plan: RevisionPlan, opts: K8sOptions) -> dict[str, list[dict[str, Any]]]:
-    """File name -> manifests for a planned revision; validated, so what is returned can be applied as it is.
+def render_endpoint(
+    *, endpoint: str, revision: str, args: VllmArgs, model_version: str, settings: RaySettings, device: Device,
+    opts: K8sOptions, extra_env: dict[str, str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """File name -> manifests for a revision's vLLM args; validated, so what is returned can be applied as it is.
 
-    Always a RayService (KubeRay) and the PVC its pods read weights from; for an endpoint of one replica also a
-    plain Deployment + Service, which need no operator.
+    `args` are the revision's local args (`pod_args` moves their paths under the models volume, at
+    `model_version`); `settings` are its Ray Serve settings. Always a RayService (KubeRay) and the PVC its pods
+    read weights from; for an endpoint of one replica also a plain Deployment + Service, which need no operator.
     """
-    from tasks.deploy import REPLICA_ENV
-    from tasks.serving.ray import device_for
-
-    settings = spec.ray or RaySettings(min_replicas=spec.replicas, max_replicas=spec.replicas)
-    device = device_for(spec.hardware)
-    args = pod_args(plan.vllm, plan.model_version)
-    common = {"endpoint": spec.name, "revision": plan.content_hash, "args": args, "device": device, "opts": opts,
-              "extra_env": REPLICA_ENV}
+    pod = pod_args(args, model_version)
     files: dict[str, list[dict[str, Any]]] = {
-        "models-pvc.yaml": [render_pvc(spec.name, opts)],
-        "rayservice.yaml": [render_rayservice(settings=settings, **common)],  # type: ignore[arg-type]
+        "models-pvc.yaml": [render_pvc(endpoint, opts)],
+        "rayservice.yaml": [render_rayservice(endpoint=endpoint, revision=revision, args=pod, settings=settings,
+                                              device=device, opts=opts, extra_env=extra_env)],
     }
     if settings.ceiling == 1:
-        files["deployment.yaml"] = render_deployment(**common)  # type: ignore[arg-type]
+        files["deployment.yaml"] = render_deployment(endpoint=endpoint, revision=revision, args=pod, device=device,
+                                                     opts=opts, extra_env=extra_env)
     for docs in files.values():
         validate_manifests(docs)
     return files

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 
 from tasks.core.errors import ReplicaStartError, ServingError
-from tasks.serving.base import Replica, ReplicaState, VllmArgs
+from tasks.core.procs import pid_alive
 from tasks.core.settings import get_settings
+from tasks.serving.base import Replica, ReplicaState, VllmArgs
 
 _KV_RE = re.compile(r"(?:CPU|GPU) KV cache size:\s*([\d,]+)\s*tokens")
 _CONC_RE = re.compile(r"Maximum concurrency for\s*([\d,]+)\s*tokens per request:\s*([\d.]+)x")
@@ -71,21 +72,6 @@ def _tail(path: Path, lines: int) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(data.splitlines()[-lines:])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); reap it if it is ours.
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 class LocalTarget:

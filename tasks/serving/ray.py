@@ -26,10 +26,10 @@ import httpx
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.core.errors import ConfigError, ReplicaStartError, ServingError
-from tasks.serving.base import Replica, ReplicaState, VllmArgs
-from tasks.serving.local import has_cuda_gpu, parse_startup_log
+from tasks.core.errors import ReplicaStartError, ServingError
 from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.serving.base import Replica, ReplicaState, VllmArgs
+from tasks.serving.local import parse_startup_log
 
 Device = Literal["cpu", "gpu"]
 CODE_DIR = PROJECT_ROOT / "llmhost_serve"
@@ -80,18 +80,6 @@ class RaySettings(BaseModel):
     @property
     def ceiling(self) -> int:
         return self.max_replicas or self.min_replicas
-
-
-def device_for(hardware: str) -> Device:
-    """gpu for a GPU tier; cpu for a CPU tier; for auto, whatever this machine has (as plan_revision's dtype)."""
-    if hardware == "auto":
-        return "gpu" if has_cuda_gpu() else "cpu"
-    from tasks.size.io import load_tiers
-
-    for tier in load_tiers():
-        if tier.name == hardware:
-            return "gpu" if tier.device == "gpu" else "cpu"
-    raise ConfigError("hardware", hardware, "use a tier name from tasks/tiers.yaml (or LLMHOST_TIERS_FILE), or auto")
 
 
 # ---------------------------------------------------------------------------------------------- rendering

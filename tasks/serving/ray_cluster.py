@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 
 from tasks.core.errors import ServingError
-from tasks.serving.local import _group_alive, free_port
 from tasks.core.settings import get_settings
+from tasks.serving.local import _group_alive, free_port
 
 # Each node offers two replica slots: one for the live revision's replica and one for its blue/green successor,
 # while `max_replicas_per_node: 1` (deployments/demo-ray.yaml) keeps one revision's replicas on different nodes.

@@ -1,6 +1,6 @@
-"""The edge of sizing: read config.json, the tier catalog and the installed vLLM's defaults; publish results.
+"""The edge of sizing: read config.json, the tier catalog and the installed vLLM's defaults.
 
-`tasks/sizing.py` stays pure; everything that touches files, the environment or Prefect lives here.
+The other modules of `tasks/size` stay pure; everything that touches files or the environment lives here.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
 from pydantic import ValidationError
 
 from tasks.core.errors import ConfigError
 from tasks.core.settings import Settings, get_settings
-from tasks.size import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier, estimate_memory
+from tasks.size.estimate import estimate_memory
+from tasks.size.plan import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier
 
 TIERS_PATH = Path(__file__).with_name("tiers.yaml")
 TIERS_ENV = "LLMHOST_TIERS_FILE"
@@ -205,17 +205,3 @@ def size_model(
         name=src.name,
         tokenizer_max_len=src.tokenizer_max_len,
     )
-
-
-@task(name="size", retries=0)  # local file reads and arithmetic: nothing transient to retry
-def size_task(model_ref: str, request: SizingRequest, artifact_key: str | None = None) -> MemoryEstimate:
-    """Prefect edge: size the model and publish the explanation as a markdown artifact."""
-    from prefect.artifacts import create_markdown_artifact
-
-    estimate = size_model(model_ref, request)
-    create_markdown_artifact(
-        markdown=estimate.explanation,
-        key=artifact_key,
-        description=f"Memory sizing of {Path(model_ref).name}",
-    )
-    return estimate

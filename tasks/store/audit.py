@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tasks.core.errors import LlmhostError
-from tasks.store import AuditEntry, get_engine, session_scope
+from tasks.store.schema import AuditEntry, get_engine, session_scope
 
 GENESIS = "0" * 64
 _SECRET_FIELDS = re.compile(r"(secret|password|passwd|token|api_key|apikey|raw_key|authorization)$", re.I)

@@ -1,4 +1,4 @@
-"""Datasets under the state dir. Adding rows emits `llmhost.dataset.updated`, which triggers retraining."""
+"""Datasets under the state dir; flows/events.py announces each addition (`llmhost.dataset.updated`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from pydantic import BaseModel
 from tasks.core.errors import ConfigError
 from tasks.core.settings import get_settings
 
-EVENT = "llmhost.dataset.updated"
-
 
 class DatasetUpdate(BaseModel):
     dataset: str
@@ -21,7 +19,6 @@ class DatasetUpdate(BaseModel):
     added: int
     rows: int
     hash: str
-    event_id: str | None = None
 
 
 def dataset_path(name: str) -> Path:
@@ -49,18 +46,8 @@ def _validated_lines(file: Path) -> list[str]:
     return out
 
 
-def emit_updated(name: str, path: Path, digest: str, rows: int) -> str | None:
-    """Emits the Prefect event; deployments with a matching trigger run on it."""
-    from prefect.events import emit_event
-
-    event = emit_event(event=EVENT, resource={"prefect.resource.id": f"llmhost.dataset.{name}",
-                                              "prefect.resource.name": name},
-                       payload={"dataset": name, "path": str(path), "hash": digest, "rows": rows})
-    return str(event.id) if event else None
-
-
-def add_rows(file: Path, name: str, *, emit: bool = True) -> DatasetUpdate:
-    """Validates every line first (nothing is appended on a bad row), appends, hashes, emits the event."""
+def add_rows(file: Path, name: str) -> DatasetUpdate:
+    """Validates every line first (nothing is appended on a bad row), appends, and hashes the whole file."""
     lines = _validated_lines(Path(file))
     path = dataset_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +56,4 @@ def add_rows(file: Path, name: str, *, emit: bool = True) -> DatasetUpdate:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     rows = sum(1 for line in data.splitlines() if line.strip())
-    update = DatasetUpdate(dataset=name, path=str(path), added=len(lines), rows=rows, hash=digest)
-    if emit:
-        update.event_id = emit_updated(name, path, digest, rows)
-    return update
+    return DatasetUpdate(dataset=name, path=str(path), added=len(lines), rows=rows, hash=digest)

@@ -1,4 +1,4 @@
-"""MLflow logging of eval runs: one experiment per suite, one run per target per suite version.
+"""What an eval run logs to MLflow: one experiment per suite, one run per target per suite version.
 
 Each run holds params (target, model), tags (suite content hash, revision hash), each score's mean with its
 95% bootstrap interval, latency/TTFT/tokens, the per-example table, one trace per example (explicit spans:
@@ -12,27 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tasks.evaluate.compare import (
-    Comparison,
-    Interval,
-    compare,
-    frontier_cost,
-    plot,
-    render_markdown,
-    self_hosted_cost,
-    summarize,
-    tier_hourly_price,
-)
-from tasks.evaluate.runner import ExampleRecord, RunResult, run_suite
+from tasks.evaluate.compare import Interval, cost_of, summarize
+from tasks.evaluate.runner import ExampleRecord, RunResult
 from tasks.evaluate.suite import LoadedSuite
-from tasks.evaluate.targets import ResolvedTarget, resolve_target
-from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 
 EXAMPLES_TABLE = "eval_examples.json"
 
@@ -133,16 +118,6 @@ def log_traces(result: RunResult, loaded: LoadedSuite) -> int:
     with contextlib.suppress(Exception):
         mlflow.flush_trace_async_logging()
     return len(result.records)
-
-
-def _cost_per_1k(result: RunResult, hourly_price: float | None, tier: str | None) -> float | None:
-    if result.target.pricing is not None:
-        return frontier_cost(result.stats, result.target.pricing).per_1k_requests_usd
-    if hourly_price is None and tier:
-        hourly_price = tier_hourly_price(tier)
-    if hourly_price is None:
-        return None
-    return self_hosted_cost(result.stats, hourly_price, tier).per_1k_requests_usd
 
 
 def metrics_of(result: RunResult, summaries: dict[str, Interval]) -> dict[str, float]:
@@ -270,133 +245,8 @@ def log_result(
         }
     )
     metrics = metrics_of(result, summaries)
-    if (cost := _cost_per_1k(result, hourly_price, tier)) is not None:
+    if (cost := cost_of(result, hourly_price, tier).per_1k_requests_usd) is not None:
         metrics["cost_per_1k_requests_usd"] = cost
     mlflow.log_metrics(metrics)
     mlflow.log_table(examples_table(result, loaded), artifact_file=EXAMPLES_TABLE)
     return summaries
-
-
-def evaluate_target(
-    loaded: LoadedSuite,
-    target: ResolvedTarget | str,
-    *,
-    concurrency: int | None = None,
-    progress: bool = True,
-    trace: bool = True,
-    genai: bool = True,
-    nested: bool = False,
-    hourly_price: float | None = None,
-    tier: str | None = None,
-) -> tuple[RunResult, str]:
-    """Run the suite against one target inside its own MLflow run; returns the result and the run id."""
-    import mlflow
-
-    if isinstance(target, str):
-        target = resolve_target(target)
-    target.api_key()  # a missing key fails before an MLflow run is created
-    configure_mlflow()
-    exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    run_name = f"{target.spec} v{loaded.suite.version}"
-    with experiment_scope(exp_id), mlflow.start_run(run_name=run_name, nested=nested) as run:
-        result = run_suite(loaded, target, concurrency=concurrency, progress=progress)
-        if trace:
-            t0 = time.perf_counter()
-            log_traces(result, loaded)
-            mlflow.log_metric("trace_logging_s", time.perf_counter() - t0)
-        log_result(result, loaded, hourly_price=hourly_price, tier=tier)
-        if trace and genai:
-            t0 = time.perf_counter()
-            n = log_genai_assessments(result, loaded)
-            mlflow.log_metric("genai_assessment_s", time.perf_counter() - t0)
-            mlflow.set_tag("llmhost.genai_traces", str(n))
-    return result, run.info.run_id
-
-
-@dataclass
-class ComparisonOutcome:
-    comparison: Comparison
-    markdown: str
-    plot_path: Path
-    run_ids: dict[str, str]
-    results: tuple[RunResult, RunResult]
-
-
-def compare_targets(
-    loaded: LoadedSuite,
-    candidate: str,
-    baseline: str,
-    *,
-    hourly_price: float | None = None,
-    tier: str | None = None,
-    candidate_precision: str | None = None,
-    concurrency: int | None = None,
-    progress: bool = True,
-    trace: bool = True,
-    genai: bool = True,
-    out_dir: Path | None = None,
-) -> ComparisonOutcome:
-    """Evaluate both targets (child runs) and log the report and plot into a parent comparison run."""
-    import mlflow
-
-    cand_t, base_t = resolve_target(candidate), resolve_target(baseline)
-    cand_t.api_key(), base_t.api_key()
-    configure_mlflow()
-    exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    kw = dict(
-        concurrency=concurrency,
-        progress=progress,
-        trace=trace,
-        genai=genai,
-        nested=True,
-        hourly_price=hourly_price,
-        tier=tier,
-    )
-    with experiment_scope(exp_id), mlflow.start_run(
-        run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}"
-    ) as parent:
-        mlflow.set_tags(
-            {
-                "llmhost.kind": "eval-comparison",
-                "llmhost.suite": loaded.suite.name,
-                "llmhost.suite_version": loaded.suite.version,
-                "llmhost.suite_hash": loaded.content_hash,
-            }
-        )
-        mlflow.log_params({"candidate": candidate, "baseline": baseline})
-        cand_res, cand_run = evaluate_target(loaded, cand_t, **kw)  # type: ignore[arg-type]
-        base_res, base_run = evaluate_target(loaded, base_t, **kw)  # type: ignore[arg-type]
-        cmp = compare(
-            loaded.suite,
-            cand_res,
-            base_res,
-            hourly_price=hourly_price,
-            tier=tier,
-            candidate_precision=candidate_precision,
-        )
-        md = render_markdown(cmp)
-        out = Path(out_dir or tempfile.mkdtemp(prefix="llmhost-eval-"))
-        png = plot(cmp, out / "comparison.png")
-        (out / "comparison.md").write_text(md)
-        mlflow.log_artifact(str(png))
-        mlflow.log_text(md, "comparison.md")
-        mlflow.log_dict(cmp.model_dump(mode="json"), "comparison.json")
-        prim = next(m for m in cmp.metrics if m.name == cmp.primary)
-        mlflow.log_metrics(
-            {
-                f"diff_{prim.name}": prim.diff.value,
-                f"diff_{prim.name}_ci_low": prim.diff.low,
-                f"diff_{prim.name}_ci_high": prim.diff.high,
-                "ready_to_replace": float(cmp.verdict.ready),
-            }
-        )
-        mlflow.set_tags(
-            {
-                "llmhost.verdict": cmp.verdict.headline,
-                "llmhost.recommendation": cmp.verdict.recommendation or "",
-                "llmhost.candidate_run": cand_run,
-                "llmhost.baseline_run": base_run,
-            }
-        )
-        run_ids = {"comparison": parent.info.run_id, "candidate": cand_run, "baseline": base_run}
-    return ComparisonOutcome(cmp, md, png, run_ids, (cand_res, base_res))

@@ -1,0 +1,122 @@
+"""An endpoint spec, as written in deployments/<name>.yaml: its fields, how it is read, and a stored revision's.
+
+What the spec names (a model alias, adapters, a hardware tier) is resolved by `tasks.deploy.plan`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from tasks import store
+from tasks.core.errors import ConfigError
+from tasks.core.inputs import load_yaml_model
+from tasks.serving.base import Dtype, KvCacheDtype, Quantization
+from tasks.serving.ray import RaySettings
+from tasks.smoke import SmokeConfig
+
+
+class ToolCallingExplicit(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    parser: str = Field(description="vLLM --tool-call-parser, e.g. hermes.")
+    chat_template: str | None = Field(default=None, description="Path to a Jinja template with tool support.")
+
+
+class SpecVllm(BaseModel):
+    """The vLLM args a spec may set; `model` and `served_model_name` come from the revision."""
+
+    model_config = {"extra": "forbid"}
+
+    max_model_len: int | None = Field(default=None, gt=0)
+    dtype: Dtype = "auto"
+    tensor_parallel_size: int | Literal["auto"] = "auto"
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    kv_cache_dtype: KvCacheDtype = "auto"
+    quantization: Quantization | None = None
+    enforce_eager: bool = False
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_lora_rank: int | None = Field(default=None, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class Access(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    users: list[str] = Field(default_factory=list)
+    teams: list[str] = Field(default_factory=list)
+
+
+class EndpointSpec(BaseModel):
+    """One endpoint, as written in deployments/<name>.yaml."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="What clients send as `model`.")
+    description: str | None = None
+    usage_notes: str | None = None
+    owner: str | None = None
+    model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
+    target: Literal["local", "ray"] = "local"
+    replicas: int = Field(default=1, ge=1, le=16)
+    ray: RaySettings | None = Field(
+        default=None, description="target: ray only: the cluster's dashboard URL, replica bounds and placement."
+    )
+    hardware: str = Field(default="auto", description="A tier name from the catalog, or auto.")
+    concurrency: int = Field(default=4, ge=1, description="Expected concurrent sequences, for sizing.")
+    vllm: SpecVllm = Field(default_factory=SpecVllm)
+    tool_calling: Literal["auto", "off"] | ToolCallingExplicit = "auto"
+    adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> models:/ ref.")
+    access: Access = Field(default_factory=Access)
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, v: str) -> str:
+        if not v.startswith("models:/"):
+            raise ValueError("use models:/NAME@ALIAS or models:/NAME/VERSION (register the model first)")
+        return v
+
+    @model_validator(mode="after")
+    def _target_settings(self) -> EndpointSpec:
+        if self.ray is not None and self.target != "ray":
+            raise ValueError("ray: is set but target is local; set target: ray, or remove the ray block")
+        if self.target == "ray":
+            self.ray = self.ray or RaySettings()
+            # Ray Serve owns the replica count (ray.min_replicas..max_replicas); two numbers that disagree
+            # would leave one of them silently ignored.
+            if self.replicas not in (1, self.ray.min_replicas):
+                raise ValueError(
+                    f"replicas={self.replicas} with target: ray; set ray.min_replicas (and ray.max_replicas) "
+                    "instead and leave replicas out"
+                )
+        return self
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, ref in v.items():
+            if ":" in name or not name:
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (no ':')")
+            if not ref.startswith("models:/"):
+                raise ValueError(f"adapter {name!r}: use models:/NAME/VERSION of an adapter version")
+        return v
+
+
+def load_spec(path: str | Path) -> EndpointSpec:
+    """Reads and validates a spec; errors name the file, the field and the problem."""
+    return load_yaml_model(path, EndpointSpec, field="spec", example="an endpoint YAML, e.g. deployments/demo.yaml")
+
+
+def pinned_spec(rev: store.EndpointRevision) -> EndpointSpec:
+    """The spec a stored revision was planned from, with its model and adapters pinned to versions."""
+    raw = (rev.spec or {}).get("spec")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            "revision",
+            rev.content_hash[:12],
+            "was not deployed from a spec (attached server); deploy a spec with `llmhost deploy`",
+        )
+    return EndpointSpec.model_validate(raw)

@@ -1,0 +1,172 @@
+"""The eval reports, in one place: a comparison (Markdown and plot) and a single-target run.
+
+The CLI, the flows' Prefect artifacts and the MLflow comparison run all format through these functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tasks.evaluate.compare import N_BOOT, Comparison, Interval, PassCheck, pass_checks, summarize
+from tasks.evaluate.runner import RunResult, RunStats
+from tasks.evaluate.suite import EvalSuite
+
+
+def _fmt(iv: Interval, signed: bool = False) -> str:
+    if not np.isfinite(iv.value):
+        return "n/a"
+    s = "+" if signed else ""
+    return f"{iv.value:{s}.3f} [{iv.low:{s}.3f}, {iv.high:{s}.3f}]"
+
+
+def _s(v: float | None, unit: str = "s") -> str:
+    return "n/a" if v is None else f"{v:.3f}{unit}"
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{a - b:+.3f}s"
+
+
+def render_markdown(cmp: Comparison) -> str:
+    """The comparison report (also the Prefect artifact)."""
+    c, b, v = cmp.candidate, cmp.baseline, cmp.verdict
+    lines = [
+        f"# {cmp.suite} v{cmp.suite_version}: `{c.target}` vs `{b.target}`",
+        "",
+        f"**Verdict: {v.headline}**"
+        + (f" — numbers point to **{v.recommendation}**" if v.recommendation else ""),
+        "",
+        *[
+            f"- {'PASS' if ch.ok else ('UNKNOWN' if ch.ok is None else 'FAIL')} {ch.name}: {ch.detail}"
+            for ch in v.checks
+        ],
+        *([f"- {r}" for r in v.reasons if r.startswith("numbers point to")]),
+        "",
+        f"Candidate `{c.target}` (model `{c.model}`) is the would-be replacement; baseline `{b.target}` "
+        f"(model `{b.model}`). Suite hash `{cmp.suite_hash}`, {c.stats.n} examples, 95% percentile bootstrap "
+        f"({N_BOOT} resamples, paired for differences). Primary score: `{cmp.primary}`.",
+        "",
+        "## Quality",
+        "",
+        "| score | candidate | baseline | candidate - baseline | win / tie / loss |",
+        "|---|---|---|---|---|",
+    ]
+    for m in cmp.metrics:
+        wtl = "corpus-level" if m.wins is None else f"{m.wins} / {m.ties} / {m.losses}"
+        name = f"**{m.name}**" if m.name == cmp.primary else m.name
+        lines.append(f"| {name} | {_fmt(m.candidate)} | {_fmt(m.baseline)} | {_fmt(m.diff, True)} | {wtl} |")
+    cs, bs = c.stats, b.stats
+    lines += [
+        "",
+        "## Latency and load",
+        "",
+        "| | candidate | baseline | delta |",
+        "|---|---|---|---|",
+        *[
+            f"| {label} | {_s(getattr(cs, key))} | {_s(getattr(bs, key))} | "
+            f"{_delta(getattr(cs, key), getattr(bs, key))} |"
+            for label, key in (
+                ("latency p50", "latency_p50_s"),
+                ("latency p95", "latency_p95_s"),
+                ("TTFT p50", "ttft_p50_s"),
+                ("TTFT p95", "ttft_p95_s"),
+            )
+        ],
+        f"| throughput | {cs.throughput_rps:.2f} req/s | {bs.throughput_rps:.2f} req/s | "
+        f"at concurrency {cs.concurrency} |",
+        f"| tokens in / out (mean) | {cs.tokens_in_mean or 0:.1f} / {cs.tokens_out_mean or 0:.1f} | "
+        f"{bs.tokens_in_mean or 0:.1f} / {bs.tokens_out_mean or 0:.1f} | |",
+        f"| failed / retries | {cs.n_failed} / {sum(cs.retries.values())} | "
+        f"{bs.n_failed} / {sum(bs.retries.values())} | |",
+        "",
+        "## Cost per 1k requests",
+        "",
+    ]
+    for label, side in (("candidate", c), ("baseline", b)):
+        cost = "unknown" if side.cost.per_1k_requests_usd is None else f"${side.cost.per_1k_requests_usd:.4f}"
+        lines.append(f"- {label} `{side.target}`: **{cost}** = {side.cost.basis}")
+        lines += [f"  - assumes {a}" for a in side.cost.assumptions]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cmp: Comparison, path: Path) -> Path:
+    """Scores with 95% intervals and latency percentiles of both targets, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mets = [m for m in cmp.metrics if np.isfinite(m.candidate.value) and np.isfinite(m.baseline.value)]
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(mets), 2), 2]}
+    )
+    x = np.arange(len(mets))
+    for off, side, label in (
+        (-0.2, "candidate", cmp.candidate.target),
+        (0.2, "baseline", cmp.baseline.target),
+    ):
+        vals = np.array([getattr(m, side).value for m in mets])
+        err = np.array(
+            [[v - getattr(m, side).low, getattr(m, side).high - v] for m, v in zip(mets, vals, strict=True)]
+        ).T
+        ax1.bar(x + off, vals, 0.4, yerr=err if len(mets) else None, capsize=3, label=label)
+    ax1.set_xticks(x, [m.name for m in mets], rotation=30, ha="right")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title(f"{cmp.suite} v{cmp.suite_version}: scores (95% CI)")
+    ax1.legend(fontsize=8)
+    lat_names = ["latency p50", "latency p95", "TTFT p50", "TTFT p95"]
+    keys = ["latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s"]
+    xl = np.arange(len(keys))
+    for off, run in ((-0.2, cmp.candidate), (0.2, cmp.baseline)):
+        ax2.bar(xl + off, [getattr(run.stats, k) or 0 for k in keys], 0.4, label=run.target)
+    ax2.set_xticks(xl, lat_names, rotation=30, ha="right")
+    ax2.set_ylabel("seconds")
+    ax2.set_title(f"verdict: {cmp.verdict.headline}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- one target
+
+
+def score_cells(iv: Interval) -> tuple[str, str]:
+    """(value, 95% CI) cells of one score."""
+    return f"{iv.value:.3f}", f"[{iv.low:.3f}, {iv.high:.3f}]"
+
+
+def pass_line(check: PassCheck) -> str:
+    return f"{'PASS' if check.ok else 'FAIL'} {check.score} {check.value:.3f} (minimum {check.minimum:g})"
+
+
+def stats_line(s: RunStats) -> str:
+    """Load-side numbers of a run on one line (`llmhost eval run`)."""
+    return (
+        f"{s.n_ok}/{s.n} ok, {s.n_failed} failed, retries {s.retries}; {s.throughput_rps:.2f} req/s at "
+        f"concurrency {s.concurrency}; latency p50 {s.latency_p50_s or 0:.3f}s "
+        f"p95 {s.latency_p95_s or 0:.3f}s; TTFT p50 {s.ttft_p50_s or 0:.3f}s; "
+        f"tokens in/out {s.tokens_in_mean or 0:.1f}/{s.tokens_out_mean or 0:.1f}"
+    )
+
+
+def render_run_markdown(suite: EvalSuite, target: str, result: RunResult) -> str:
+    """The report of one target's run: scores with intervals, pass thresholds, load (the Prefect artifact)."""
+    sums = summarize(result)
+    lines = [
+        f"# {suite.name} v{suite.version} @ `{target}`",
+        "",
+        "| score | value | 95% CI |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {' | '.join(score_cells(v))} |" for k, v in sums.items()]
+    lines += ["", *[f"- {pass_line(c)}" for c in pass_checks(suite, sums)]]
+    s = result.stats
+    lines.append(
+        f"- {s.n_ok}/{s.n} ok; latency p50 {s.latency_p50_s or 0:.3f}s, p95 {s.latency_p95_s or 0:.3f}s; "
+        f"TTFT p50 {s.ttft_p50_s or 0:.3f}s; {s.throughput_rps:.2f} req/s"
+    )
+    return "\n".join(lines) + "\n"
