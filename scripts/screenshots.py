@@ -55,10 +55,10 @@ def main() -> int:
     from gateway.app import create_app
     from gateway.dashboard import mount
     from tasks import store
+    from tasks.core.tracking import mlflow_client
     from tasks.deploy import deploy, load_spec, stop_endpoint
     from tasks.register import register_model
     from tasks.serving.local import free_port
-    from tasks.core.tracking import mlflow_client
 
     built = build_demo_model(demo_dir)
     reg = register_model(f"path:{built.model_dir}", "demo")

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks.serving.local import free_port
 from tasks.core.settings import PROJECT_ROOT
+from tasks.serving.local import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
@@ -29,7 +29,8 @@ def gateway_port():
     old = os.environ.get("LLMHOST_GATEWAY_PORT")
     os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
     yield port
-    from tasks import deploy as endpoints, store
+    from tasks import deploy as endpoints
+    from tasks import store
     from tasks.core.settings import get_settings
 
     for ep in store.list_endpoints():

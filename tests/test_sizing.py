@@ -527,7 +527,7 @@ def test_explanation_published_as_prefect_artifact(tmp_path):
     from prefect import flow
     from prefect.artifacts import Artifact
 
-    from tasks.size.io import size_task
+    from flows.tasks import size_task
 
     (tmp_path / "config.json").write_text((CONFIGS / "llama-3.2-1b.json").read_text())
 

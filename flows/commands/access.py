@@ -7,34 +7,30 @@ import typer
 access_app = typer.Typer(help="Endpoint access for users and teams.", no_args_is_help=True)
 
 
-@access_app.command("grant")
-def grant(
-    endpoint: str = typer.Argument(..., help="Endpoint name."),
-    user: str = typer.Option(None, "--user", help="User to let in."),
-    team: str = typer.Option(None, "--team", help="Team to let in."),
-) -> None:
-    """Let a user or a team call ENDPOINT (takes effect on the next request)."""
+def _change(allow: bool, endpoint: str, user: str | None, team: str | None) -> None:
     from tasks import store
     from tasks.store import audit
 
-    new = store.grant(endpoint, user=user, team=team, actor=audit.default_actor())
-    who = f"user {user}" if user else f"team {team}"
-    typer.echo(f"{who} {'may now call' if new else 'could already call'} {endpoint}")
+    change = store.grant if allow else store.revoke_grant
+    changed = change(endpoint, user=user, team=team, actor=audit.default_actor())
+    said = ("may now call", "could already call") if allow else ("removed from", "had no grant on")
+    typer.echo(f"{f'user {user}' if user else f'team {team}'} {said[0] if changed else said[1]} {endpoint}")
+
+
+@access_app.command("grant")
+def grant(endpoint: str = typer.Argument(..., help="Endpoint name."),
+          user: str = typer.Option(None, "--user", help="User to let in."),
+          team: str = typer.Option(None, "--team", help="Team to let in.")) -> None:
+    """Let a user or a team call ENDPOINT (takes effect on the next request)."""
+    _change(True, endpoint, user, team)
 
 
 @access_app.command("revoke")
-def revoke(
-    endpoint: str = typer.Argument(..., help="Endpoint name."),
-    user: str = typer.Option(None, "--user", help="User to remove."),
-    team: str = typer.Option(None, "--team", help="Team to remove."),
-) -> None:
+def revoke(endpoint: str = typer.Argument(..., help="Endpoint name."),
+           user: str = typer.Option(None, "--user", help="User to remove."),
+           team: str = typer.Option(None, "--team", help="Team to remove.")) -> None:
     """Remove a user's or team's grant on ENDPOINT."""
-    from tasks import store
-    from tasks.store import audit
-
-    removed = store.revoke_grant(endpoint, user=user, team=team, actor=audit.default_actor())
-    who = f"user {user}" if user else f"team {team}"
-    typer.echo(f"{who} {'removed from' if removed else 'had no grant on'} {endpoint}")
+    _change(False, endpoint, user, team)
 
 
 @access_app.command("list")

@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from tasks import store
         from flows.lifecycle_models import LifecycleParams
+        from tasks import store
         from tasks.promote import PromotionPolicy
 
         console = Console()
@@ -77,9 +77,9 @@ def register(app: typer.Typer) -> None:
         spec: Path | None = typer.Option(None, help="Endpoint spec to redeploy (blue/green) after the move."),
     ) -> None:
         """Make VERSION the champion by hand (audited as forced); the policy path runs in `lifecycle`."""
-        from tasks.store.audit import default_actor
         from tasks.core.errors import ConfigError
         from tasks.promote import move_aliases
+        from tasks.store.audit import default_actor
 
         if not force:
             raise ConfigError("--force", False, "manual promotion bypasses the policy; pass --force to confirm")

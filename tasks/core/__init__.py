@@ -1,1 +1,4 @@
-"""Settings, typed errors, input loaders, MLflow setup and the transient-error predicate: imports nothing of the project."""
+"""Settings, typed errors, input loaders, MLflow setup, process checks and the transient-error predicate.
+
+Imports nothing of the project.
+"""

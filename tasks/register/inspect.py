@@ -22,7 +22,7 @@ from tasks.core.errors import LlmhostError, RegistryError
 from tasks.core.hf_config import moe_shape, text_config
 
 # The parameter arithmetic for packed (quantised) weights is the sizing step's; it imports nothing of register.
-from tasks.size import count_params, parse_config
+from tasks.register.shape import count_params, parse_config
 
 # What a serving runtime needs from a repo: config, tokenizer, generation config and safetensors weights.
 # The same patterns define the content hash, so a folder hashes alike wherever it came from.

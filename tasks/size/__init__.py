@@ -1,10 +1,10 @@
 """Memory sizing that follows vLLM's own accounting: shape, kv, plan per tier, estimate, explain; io reads files."""
 
+from tasks.register.shape import count_params, parse_config
 from tasks.size.estimate import estimate_memory, not_fit_line
 from tasks.size.io import load_tiers, make_request, read_model_config, runtime_facts, size_model
 from tasks.size.kv import blocks_per_request, kv_capacity, kv_layout
 from tasks.size.plan import GiB, MemoryEstimate, MiB, Recommendation, RuntimeFacts, SizingRequest, Tier
-from tasks.size.shape import count_params, parse_config
 
 __all__ = [
     "GiB",

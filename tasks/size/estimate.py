@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.core.errors import ConfigError
+from tasks.register.shape import ModelShape, ParamCount, count_params, parse_config
 from tasks.size.explain import explain
 from tasks.size.kv import blocks_per_request, kv_fits
 from tasks.size.plan import (
@@ -18,7 +19,6 @@ from tasks.size.plan import (
     plan_all,
     recommend,
 )
-from tasks.size.shape import ModelShape, ParamCount, count_params, parse_config
 
 
 def _max_len_that_fits(s: ModelShape, p: Plan) -> int:

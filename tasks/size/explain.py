@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from tasks.register.shape import DTYPE_BYTES, ModelShape
 from tasks.size.plan import MemoryEstimate, Plan, RuntimeFacts, gib
-from tasks.size.shape import DTYPE_BYTES, ModelShape
 
 _CPU_OVERHEAD_TEXT = "two processes with torch ~2 GiB + profile-run activations"
 

@@ -16,7 +16,7 @@ import math
 
 from pydantic import BaseModel, Field
 
-from tasks.size.shape import LayerKind, ModelShape
+from tasks.register.shape import LayerKind, ModelShape
 
 # Block sizes vLLM picks when --block-size is not given (vllm/platforms/cpu.py,
 # CacheConfig.DEFAULT_BLOCK_SIZE,# FlashMLA's only kernel block size).

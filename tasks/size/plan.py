@@ -12,19 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.core.errors import ConfigError
-from tasks.size.kv import (
-    CPU_BLOCK_SIZE,
-    CPU_MLA_BLOCK_SIZE,
-    GPU_BLOCK_SIZE,
-    GPU_MLA_BLOCK_SIZE,
-    KvCapacity,
-    KvLayout,
-    blocks_per_request,
-    kv_capacity,
-    kv_fits,
-    kv_layout,
-)
-from tasks.size.shape import (
+from tasks.register.shape import (
     DTYPE_ALIASES,
     DTYPE_BYTES,
     Dtype,
@@ -36,6 +24,18 @@ from tasks.size.shape import (
     resolve_dtype,
     resolve_quantization,
     weight_bytes_of,
+)
+from tasks.size.kv import (
+    CPU_BLOCK_SIZE,
+    CPU_MLA_BLOCK_SIZE,
+    GPU_BLOCK_SIZE,
+    GPU_MLA_BLOCK_SIZE,
+    KvCapacity,
+    KvLayout,
+    blocks_per_request,
+    kv_capacity,
+    kv_fits,
+    kv_layout,
 )
 
 GiB = 1 << 30

@@ -1,6 +1,7 @@
 """A model's shape from its Hugging Face config.json: dimensions, attention and MoE layout, parameter count, weights.
 
-Pure functions: the parsed config dict comes in as an argument (read at the edge by `tasks/size/io.py`).
+Read at registration (the params tags) and built on by sizing (KV cache, plans), so it lives in the earlier step.
+Pure functions: the parsed config dict comes in as an argument.
 """
 
 from __future__ import annotations
