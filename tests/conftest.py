@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,14 +72,19 @@ def demo_data_dir(demo_build) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(demo_model_dir: Path):
-    """One real vLLM server on the demo model for the session, served as `demo`."""
+    """One real vLLM server on the demo model for the session, served as `demo`.
+
+    LoRA (runtime loading) and the hermes tool parser are on, so the fine-tune tests hot-load their adapters here
+    instead of starting a second server: each vLLM start costs 50-230 s of the suite's two cores.
+    """
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
 
     target = LocalTarget()
     replica = target.start(
         VllmArgs(model=str(demo_model_dir), served_model_name="demo", dtype="float32", max_model_len=1024,
-                 enforce_eager=True, max_num_seqs=32),
+                 enforce_eager=True, max_num_seqs=32, enable_lora=True, max_lora_rank=16, max_loras=2,
+                 enable_auto_tool_choice=True, tool_call_parser="hermes"),
         name="test-demo",
     )
     try:
@@ -89,3 +98,89 @@ def openai_client(vllm_server):
     import openai
 
     return openai.OpenAI(base_url=vllm_server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------ the lifecycle
+
+
+@contextlib.contextmanager
+def gateway_port_env(port: int) -> Iterator[int]:
+    """LLMHOST_GATEWAY_PORT set for the block: where the lifecycle finds (or starts) its gateway process."""
+    old = os.environ.get("LLMHOST_GATEWAY_PORT")
+    os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
+    try:
+        yield port
+    finally:
+        if old is None:
+            os.environ.pop("LLMHOST_GATEWAY_PORT", None)
+        else:
+            os.environ["LLMHOST_GATEWAY_PORT"] = old
+
+
+@pytest.fixture(scope="session")
+def lifecycle_gateway_port() -> Iterator[int]:
+    """The port of the lifecycle's own gateway process; it and the demo endpoints stop at the session's end."""
+    from tasks.serving.local import free_port
+
+    port = free_port()
+    yield port
+    from tasks import deploy, store
+    from tasks.core.settings import get_settings
+
+    for ep in store.list_endpoints():
+        if ep.name.startswith("demo"):
+            deploy.stop_endpoint(ep.name, actor="test")
+    pid_file = get_settings().home_abs / "gateway.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(pid_file.read_text()), 15)
+
+
+def finetune_runs() -> int:
+    """MLflow runs in the fine-tune experiments: a training that really ran leaves one."""
+    from tasks.core.tracking import configure_mlflow, mlflow_client
+
+    configure_mlflow()
+    client = mlflow_client()
+    exps = [e.experiment_id for e in client.search_experiments() if "finetune" in e.name.lower()]
+    return len(client.search_runs(exps)) if exps else 0
+
+
+@dataclass
+class LifecycleRun:
+    """What one lifecycle on the demo model did: a run that failed after fine-tuning, then the resumed run."""
+
+    failure: str
+    runs_before: int
+    runs_after_failure: int
+    runs_after_rerun: int
+    champion_before: str
+    rerun_wall_s: float
+    summary: Any
+
+
+@pytest.fixture(scope="session")
+def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> LifecycleRun:
+    """The demo lifecycle, run once per session and read by several modules (its fine-tune is the demo's 1,500 steps).
+
+    The first run names a suite that does not exist, which is first needed after fine-tuning, so it fails there; the
+    second run resumes from Prefect's cache (register and fine-tune are not redone) and goes on to promote or not.
+    """
+    from flows.lifecycle import LifecycleParams, lifecycle
+    from tasks.promote import current_aliases
+
+    with gateway_port_env(lifecycle_gateway_port):
+        before = finetune_runs()
+        try:
+            lifecycle(LifecycleParams(suite="no_such_suite"))
+            failure = ""
+        except Exception as exc:  # noqa: BLE001 - the test asserts on what failed
+            failure = f"{type(exc).__name__}: {exc}"
+        after_failure = finetune_runs()
+        champion_before = current_aliases("demo")["champion"]
+        t0 = time.monotonic()
+        summary = lifecycle(LifecycleParams())
+        wall = time.monotonic() - t0
+        return LifecycleRun(failure=failure, runs_before=before, runs_after_failure=after_failure,
+                            runs_after_rerun=finetune_runs(), champion_before=champion_before,
+                            rerun_wall_s=wall, summary=summary)

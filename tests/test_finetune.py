@@ -6,7 +6,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -253,32 +252,12 @@ def test_cli_runs_the_retrain_flow_from_a_yaml_config(base_version, demo_data_di
 
 
 @pytest.fixture(scope="module")
-def lora_server(demo_model_dir: Path) -> Iterator:
-    """A real vLLM with LoRA enabled (runtime loading on), served as `demo-lora`; one per module."""
-    from tasks.serving.base import VllmArgs
-    from tasks.serving.local import LocalTarget
+def lora_server(vllm_server):
+    """The session's vLLM (LoRA with runtime loading on, hermes tool parser), served as `demo`."""
+    return vllm_server
 
-    target = LocalTarget()
-    replica = target.start(
-        VllmArgs(
-            model=str(demo_model_dir),
-            served_model_name="demo-lora",
-            dtype="float32",
-            max_model_len=512,
-            enforce_eager=True,
-            max_num_seqs=16,
-            enable_lora=True,
-            max_lora_rank=16,
-            max_loras=2,
-            enable_auto_tool_choice=True,
-            tool_call_parser="hermes",
-        ),
-        name="test-lora",
-    )
-    try:
-        yield replica
-    finally:
-        target.stop(replica)
+
+BASE = "demo"  # the lora_server's served name for the base weights
 
 
 PROMPTS = [
@@ -318,7 +297,7 @@ def test_hot_load_into_running_vllm_then_unload(lora_server, finetuned):
     adapter = resolve_adapter(f"models:/{MODEL_NAME}/{res.registered_version}")
     client = openai.OpenAI(base_url=lora_server.base_url, api_key="unused", max_retries=0, timeout=60)
     pid = lora_server.pid
-    base = _answers(client, "demo-lora")
+    base = _answers(client, BASE)
     change = hot_load(lora_server, adapter)
     print(f"\nhot-load took {change.seconds:.3f}s (vLLM startup was {lora_server.startup_seconds}s)")
     assert change.method == "runtime" and change.seconds < 5.0
@@ -351,7 +330,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
     from tasks.store import audit
 
     _, res = finetuned
-    store.attach_server("ft-ep", base_url=lora_server.base_url, served_model="demo-lora", actor="test")
+    store.attach_server("ft-ep", base_url=lora_server.base_url, served_model=BASE, actor="test")
     store.grant("ft-ep", team="ft-team", actor="test")
     key = store.create_key("ft-user", team="ft-team", actor="test").raw
     # An attached server has no registered model version, so name the adapter as NAME/VERSION.
@@ -373,7 +352,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
         gw = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         direct = openai.OpenAI(base_url=lora_server.base_url, api_key="unused", max_retries=0, timeout=60)
         assert _answers(gw, f"ft-ep:{name}") == _answers(direct, name)
-        assert _answers(gw, "ft-ep") == _answers(direct, "demo-lora")
+        assert _answers(gw, "ft-ep") == _answers(direct, BASE)
         assert main(["adapters", "unload", "ft-ep", f"{MODEL_NAME}/{res.registered_version}"]) == 0
         deadline = time.monotonic() + 15
         while True:  # the gateway reloads routes when the store's epoch moves
@@ -392,38 +371,44 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 @pytest.mark.skipif(
     os.environ.get("LLMHOST_SKIP_DEMO_FINETUNE") == "1", reason="LLMHOST_SKIP_DEMO_FINETUNE=1"
 )
-def test_demo_finetune_improves_held_out_routing_and_tool_calls(
-    lora_server, base_version, demo_data_dir: Path
-):
-    """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner."""
+def test_demo_finetune_improves_held_out_routing_and_tool_calls(lora_server, lifecycle_run):
+    """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner.
+
+    The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,500 steps) on the demo base, trained
+    once for the suite instead of once per test.
+    """
     from tasks.deploy.adapters import hot_load, resolve_adapter
     from tasks.evaluate.runner import run_suite
     from tasks.evaluate.suite import load
+    from tasks.finetune import config_hash
 
-    cfg = load_config(ROOT / "demo" / "finetune.yaml")
-    cfg = cfg.model_copy(
-        update={
-            "base_model": f"models:/{MODEL_NAME}/{base_version.version}",
-            "progress": False,
-            "train": [DataSource(path=demo_data_dir / s.path.name, repeat=s.repeat) for s in cfg.train],
-        }
-    )
-    res = finetune(cfg)
-    change = hot_load(
-        lora_server, resolve_adapter(f"models:/{MODEL_NAME}/{res.registered_version}"), name="demo-ft"
-    )
+    summary = lifecycle_run.summary
+    assert summary.candidate, summary.text()
+    ref = f"models:/{summary.model}/{summary.candidate}"
+    tags = _version_tags(summary.model, summary.candidate)
+    # The candidate was trained from the demo config as it stands (the same steps, data and LoRA settings).
+    demo_cfg = load_config(ROOT / "demo" / "finetune.yaml")
+    assert tags.get("finetune_config_hash") == config_hash(demo_cfg.model_copy(
+        update={"base_model": f"models:/{summary.model}/{tags['base_version']}"})), tags
+    change = hot_load(lora_server, resolve_adapter(ref), name="demo-ft")
     scores = {}
     for suite, metric in (("demo_routing", "exact_match"), ("demo_tools", "tool_call")):
         loaded = load(suite)
-        for model in ("demo-lora", change.adapter):
+        for model in (BASE, change.adapter):
             result = run_suite(loaded, f"url:{lora_server.base_url}#{model}", progress=False, concurrency=4)
             scores[(suite, model)] = result.mean(metric) if hasattr(result, "mean") else _mean(result, metric)
-    print(f"\ndemo fine-tune {res.steps} steps in {res.train_seconds:.0f}s; scores {scores}")
-    assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", "demo-lora")] + 0.3
+    print(f"\ndemo fine-tune {ref} (lifecycle candidate); scores {scores}")
+    assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", BASE)] + 0.3
     # Measured: routing 0.00 -> 0.95, tool calls 0.00 -> 0.62 on the held-out phrasings.
-    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", "demo-lora")] + 0.3
+    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", BASE)] + 0.3
 
 
 def _mean(result, metric: str) -> float:
     vals = [r.scores.get(metric) for r in result.records if r.scores.get(metric) is not None]
     return sum(vals) / len(vals) if vals else 0.0
+
+
+def _version_tags(name: str, version: str | int) -> dict[str, str]:
+    from tasks.core.tracking import mlflow_client
+
+    return dict(mlflow_client().get_model_version(name, str(version)).tags)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import LifecycleRun, gateway_port_env
 
 from tasks.core.settings import PROJECT_ROOT
 from tasks.serving.local import free_port
@@ -20,61 +21,29 @@ from tasks.serving.local import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
 LIFECYCLE: dict[str, Any] = {}
+RETRAIN_STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def gateway_port():
-    """The lifecycle starts its own gateway process on this port; stopped with the endpoint afterwards."""
-    port = free_port()
-    old = os.environ.get("LLMHOST_GATEWAY_PORT")
-    os.environ["LLMHOST_GATEWAY_PORT"] = str(port)
-    yield port
-    from tasks import deploy as endpoints
-    from tasks import store
-    from tasks.core.settings import get_settings
-
-    for ep in store.list_endpoints():
-        if ep.name.startswith("demo"):
-            endpoints.stop_endpoint(ep.name, actor="test")
-    pid_file = get_settings().home_abs / "gateway.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(pid_file.read_text()), 15)
-    if old is None:
-        os.environ.pop("LLMHOST_GATEWAY_PORT", None)
-    else:
-        os.environ["LLMHOST_GATEWAY_PORT"] = old
+def gateway_port(lifecycle_gateway_port: int) -> Iterator[int]:
+    """The lifecycle's gateway port (conftest), set in LLMHOST_GATEWAY_PORT while this module runs."""
+    with gateway_port_env(lifecycle_gateway_port) as port:
+        yield port
 
 
-def _finetune_runs() -> int:
-    from tasks.core.tracking import configure_mlflow, mlflow_client
-
-    configure_mlflow()
-    client = mlflow_client()
-    exps = [e.experiment_id for e in client.search_experiments() if "finetune" in e.name.lower()]
-    return len(client.search_runs(exps)) if exps else 0
-
-
-def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir, gateway_port):
-    from flows.lifecycle import LifecycleParams, lifecycle
+def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: LifecycleRun, gateway_port):
     from tasks.promote import current_aliases
 
-    before = _finetune_runs()
-    # The suite is first needed after fine-tuning: this run fails there, with the reason.
-    with pytest.raises(Exception, match="no_such_suite"):
-        lifecycle(LifecycleParams(suite="no_such_suite"))
-    runs_after_failure = _finetune_runs()
-    assert runs_after_failure == before + 1
-    champion_before = current_aliases("demo")["champion"]
-
-    t0 = time.monotonic()
-    summary = lifecycle(LifecycleParams())
-    wall = time.monotonic() - t0
+    run = lifecycle_run  # conftest: the run that fails after fine-tuning, then the resumed run
+    # The suite is first needed after fine-tuning: the first run failed there, with the reason.
+    assert "no_such_suite" in run.failure, run.failure
+    assert run.runs_after_failure == run.runs_before + 1
     # Resumed: register and fine-tune came from Prefect's cache, so no second training run exists.
-    assert _finetune_runs() == runs_after_failure
+    assert run.runs_after_rerun == run.runs_after_failure
+    summary = run.summary
     steps = {t.step: t.seconds for t in summary.timings}
     assert {"register", "size", "deploy", "fine-tune", "redeploy", "compare"} <= set(steps)
-    print(f"\nlifecycle rerun wall {wall:.0f}s; steps {steps}\n{summary.text()}")
+    print(f"\nlifecycle rerun wall {run.rerun_wall_s:.0f}s; steps {steps}\n{summary.text()}")
 
     assert summary.base_score is not None and summary.tuned_score is not None
     assert summary.decision, "a promotion decision is always explained"
@@ -86,9 +55,9 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(demo_model_dir,
     LIFECYCLE["candidate"] = summary.candidate
     if summary.promoted:
         assert summary.tuned_score > summary.base_score, summary.text()
-        assert current_aliases("demo") == {"champion": summary.candidate, "challenger": champion_before}
+        assert current_aliases("demo") == {"champion": summary.candidate, "challenger": run.champion_before}
     else:
-        assert current_aliases("demo")["champion"] == champion_before, summary.text()
+        assert current_aliases("demo")["champion"] == run.champion_before, summary.text()
     assert "skipped the frontier" in summary.frontier or "no frontier" in summary.frontier
 
 
@@ -163,6 +132,12 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
         by_name = {d["name"]: d for d in deps}
         assert {"lifecycle", "nightly-eval", "retrain-on-new-data"} <= set(by_name)
         assert by_name["nightly-eval"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        # As an operator would tune a deployment's defaults: a short retrain. This test is about the trigger and the
+        # worker; the demo's full 1,500-step fine-tune is trained (and its gain asserted) once, by the session's
+        # lifecycle run (conftest.lifecycle_run).
+        retrain_id = by_name["retrain-on-new-data"]["id"]
+        patched = httpx.patch(f"{api}/deployments/{retrain_id}", json={"parameters": {"max_steps": RETRAIN_STEPS}})
+        assert patched.status_code == 204, patched.text
 
         new_rows = tmp_path / "more.jsonl"
         new_rows.write_text("\n".join(json.dumps({"messages": [
@@ -171,7 +146,6 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
         add = subprocess.run([sys.executable, "-m", "flows.cli", "data", "add", str(new_rows), "--dataset",
                               "support"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True)
         assert add.returncode == 0, add.stdout + add.stderr
-        retrain_id = by_name["retrain-on-new-data"]["id"]
         run = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and run is None:
@@ -181,6 +155,7 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
             time.sleep(1)
         assert run is not None, "the dataset event did not create a retrain flow run"
         assert run["parameters"]["dataset_path"].endswith("support/train.jsonl")
+        assert run["parameters"]["max_steps"] == RETRAIN_STEPS  # the trigger's parameters merge over the defaults
         worker = _prefect(["worker", "start", "--pool", "llmhost", "--run-once"], env, timeout=2400)
         state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]["type"]
         assert state == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
