@@ -74,8 +74,9 @@ def demo_data_dir(demo_build) -> Path:
 def vllm_server(demo_model_dir: Path):
     """One real vLLM server on the demo model for the session, served as `demo`.
 
-    LoRA (runtime loading) and the hermes tool parser are on, so the fine-tune tests hot-load their adapters here
-    instead of starting a second server: each vLLM start costs 50-230 s of the suite's two cores.
+    LoRA with runtime loading is on, so the fine-tune tests hot-load their adapters here instead of starting a
+    second server (each vLLM start costs 50-230 s of the suite's two cores). No tool parser: the smoke tests need a
+    replica that refuses tool_choice=auto.
     """
     from tasks.serving.base import VllmArgs
     from tasks.serving.local import LocalTarget
@@ -83,8 +84,7 @@ def vllm_server(demo_model_dir: Path):
     target = LocalTarget()
     replica = target.start(
         VllmArgs(model=str(demo_model_dir), served_model_name="demo", dtype="float32", max_model_len=1024,
-                 enforce_eager=True, max_num_seqs=32, enable_lora=True, max_lora_rank=16, max_loras=2,
-                 enable_auto_tool_choice=True, tool_call_parser="hermes"),
+                 enforce_eager=True, max_num_seqs=32, enable_lora=True, max_lora_rank=16, max_loras=2),
         name="test-demo",
     )
     try:
@@ -155,6 +155,7 @@ class LifecycleRun:
     runs_after_failure: int
     runs_after_rerun: int
     champion_before: str
+    aliases_after: dict[str, str]
     rerun_wall_s: float
     summary: Any
 
@@ -181,6 +182,7 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
         t0 = time.monotonic()
         summary = lifecycle(LifecycleParams())
         wall = time.monotonic() - t0
+        # Read now: later modules register `demo` again and point its champion alias elsewhere.
         return LifecycleRun(failure=failure, runs_before=before, runs_after_failure=after_failure,
                             runs_after_rerun=finetune_runs(), champion_before=champion_before,
-                            rerun_wall_s=wall, summary=summary)
+                            aliases_after=current_aliases("demo"), rerun_wall_s=wall, summary=summary)

@@ -371,12 +371,14 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 @pytest.mark.skipif(
     os.environ.get("LLMHOST_SKIP_DEMO_FINETUNE") == "1", reason="LLMHOST_SKIP_DEMO_FINETUNE=1"
 )
-def test_demo_finetune_improves_held_out_routing_and_tool_calls(lora_server, lifecycle_run):
+def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
     """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner.
 
     The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,500 steps) on the demo base, trained
-    once for the suite instead of once per test.
+    once for the suite instead of once per test. Both are scored on the lifecycle endpoint's replica (LoRA and the
+    hermes parser on, as deployments/demo.yaml asks): its base weights against the candidate hot-loaded beside them.
     """
+    from tasks import store
     from tasks.deploy.adapters import hot_load, resolve_adapter
     from tasks.evaluate.runner import run_suite
     from tasks.evaluate.suite import load
@@ -390,17 +392,21 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(lora_server, lif
     demo_cfg = load_config(ROOT / "demo" / "finetune.yaml")
     assert tags.get("finetune_config_hash") == config_hash(demo_cfg.model_copy(
         update={"base_model": f"models:/{summary.model}/{tags['base_version']}"})), tags
-    change = hot_load(lora_server, resolve_adapter(ref), name="demo-ft")
+    replica = next(r for r in store.list_replicas(summary.endpoint) if r.state == "up")
+    # The base weights are the served model without a LoRA parent; adapters list their base as `parent`.
+    listed = httpx.get(f"{replica.base_url}/models", timeout=10).json()["data"]
+    base = next(m["id"] for m in listed if not m.get("parent"))
+    change = hot_load(replica.base_url, resolve_adapter(ref), name="demo-ft")
     scores = {}
     for suite, metric in (("demo_routing", "exact_match"), ("demo_tools", "tool_call")):
         loaded = load(suite)
-        for model in (BASE, change.adapter):
-            result = run_suite(loaded, f"url:{lora_server.base_url}#{model}", progress=False, concurrency=4)
+        for model in (base, change.adapter):
+            result = run_suite(loaded, f"url:{replica.base_url}#{model}", progress=False, concurrency=4)
             scores[(suite, model)] = result.mean(metric) if hasattr(result, "mean") else _mean(result, metric)
     print(f"\ndemo fine-tune {ref} (lifecycle candidate); scores {scores}")
-    assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", BASE)] + 0.3
+    assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", base)] + 0.3
     # Measured: routing 0.00 -> 0.95, tool calls 0.00 -> 0.62 on the held-out phrasings.
-    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", BASE)] + 0.3
+    assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", base)] + 0.3
 
 
 def _mean(result, metric: str) -> float:

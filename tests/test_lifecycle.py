@@ -32,8 +32,6 @@ def gateway_port(lifecycle_gateway_port: int) -> Iterator[int]:
 
 
 def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: LifecycleRun, gateway_port):
-    from tasks.promote import current_aliases
-
     run = lifecycle_run  # conftest: the run that fails after fine-tuning, then the resumed run
     # The suite is first needed after fine-tuning: the first run failed there, with the reason.
     assert "no_such_suite" in run.failure, run.failure
@@ -55,9 +53,9 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: 
     LIFECYCLE["candidate"] = summary.candidate
     if summary.promoted:
         assert summary.tuned_score > summary.base_score, summary.text()
-        assert current_aliases("demo") == {"champion": summary.candidate, "challenger": run.champion_before}
+        assert run.aliases_after == {"champion": summary.candidate, "challenger": run.champion_before}
     else:
-        assert current_aliases("demo")["champion"] == run.champion_before, summary.text()
+        assert run.aliases_after["champion"] == run.champion_before, summary.text()
     assert "skipped the frontier" in summary.frontier or "no frontier" in summary.frontier
 
 
