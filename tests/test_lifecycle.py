@@ -134,7 +134,13 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
         # worker; the demo's full 1,500-step fine-tune is trained (and its gain asserted) once, by the session's
         # lifecycle run (conftest.lifecycle_run).
         retrain_id = by_name["retrain-on-new-data"]["id"]
-        patched = httpx.patch(f"{api}/deployments/{retrain_id}", json={"parameters": {"max_steps": RETRAIN_STEPS}})
+        deadline = time.monotonic() + 60
+        while True:  # the server answers 503 while its SQLite is locked (just after `prefect deploy`): retry
+            patched = httpx.patch(f"{api}/deployments/{retrain_id}",
+                                  json={"parameters": {"max_steps": RETRAIN_STEPS}}, timeout=30)
+            if patched.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert patched.status_code == 204, patched.text
 
         new_rows = tmp_path / "more.jsonl"
