@@ -184,11 +184,11 @@ class Gateway:
     # -- requests ----------------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        self.refresh()  # before the key cache is consulted, so a revocation applies to this very request
         try:
             key = await self.keys.authenticate(request.headers.get("authorization"))
         except ApiError as exc:
             return error_response(exc)
-        self.refresh()
         cards = []
         for name, route in sorted(self.routes.items()):
             if route.status != "active" or not route.allows(key):
@@ -204,6 +204,7 @@ class Gateway:
         t0 = time.perf_counter()
         row: dict[str, Any] = {"ts": utcnow(), "route": kind, "stream": False}
         try:
+            self.refresh()  # before the key cache is consulted, so a revocation applies to this very request
             key = await self.keys.authenticate(request.headers.get("authorization"))
         except ApiError as exc:
             # No identity to bill: count it, but keep unauthenticated noise out of the usage table.
@@ -219,7 +220,6 @@ class Gateway:
     def _resolve(self, payload: dict[str, Any], key: KeyInfo,
                  row: dict[str, Any]) -> EndpointRoute:
         name, adapter = split_model(payload.get("model"))
-        self.refresh()
         route = self.routes.get(name)
         if route is None:
             raise ApiError(404, f"The model {name!r} is not an endpoint here: GET /v1/models lists the "
