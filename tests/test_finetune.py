@@ -379,19 +379,21 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
     hermes parser on, as deployments/demo.yaml asks): its base weights against the candidate hot-loaded beside them.
     """
     from tasks import store
+    from tasks.core.tracking import mlflow_client
     from tasks.deploy.adapters import hot_load, resolve_adapter
     from tasks.evaluate.runner import run_suite
     from tasks.evaluate.suite import load
     from tasks.finetune import config_hash
+    from tasks.register import VersionTags
 
     summary = lifecycle_run.summary
     assert summary.candidate, summary.text()
     ref = f"models:/{summary.model}/{summary.candidate}"
-    tags = _version_tags(summary.model, summary.candidate)
+    tags = VersionTags.from_mlflow(mlflow_client().get_model_version(summary.model, str(summary.candidate)).tags)
     # The candidate was trained from the demo config as it stands (the same steps, data and LoRA settings).
     demo_cfg = load_config(ROOT / "demo" / "finetune.yaml")
-    assert tags.get("finetune_config_hash") == config_hash(demo_cfg.model_copy(
-        update={"base_model": f"models:/{summary.model}/{tags['base_version']}"})), tags
+    assert tags.finetune_config_hash == config_hash(demo_cfg.model_copy(
+        update={"base_model": f"models:/{summary.model}/{tags.base_version}"})), tags
     replica = next(r for r in store.list_replicas(summary.endpoint) if r.state == "up")
     # The base weights are the served model without a LoRA parent; adapters list their base as `parent`.
     listed = httpx.get(f"{replica.base_url}/models", timeout=10).json()["data"]
@@ -412,9 +414,3 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
 def _mean(result, metric: str) -> float:
     vals = [r.scores.get(metric) for r in result.records if r.scores.get(metric) is not None]
     return sum(vals) / len(vals) if vals else 0.0
-
-
-def _version_tags(name: str, version: str | int) -> dict[str, str]:
-    from tasks.core.tracking import mlflow_client
-
-    return dict(mlflow_client().get_model_version(name, str(version)).tags)
