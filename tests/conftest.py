@@ -127,13 +127,15 @@ def lifecycle_gateway_port() -> Iterator[int]:
     from tasks import deploy, store
     from tasks.core.settings import get_settings
 
-    for ep in store.list_endpoints():
-        if ep.name.startswith("demo"):
-            deploy.stop_endpoint(ep.name, actor="test")
-    pid_file = get_settings().home_abs / "gateway.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(pid_file.read_text()), 15)
+    try:
+        for ep in store.list_endpoints():
+            if ep.name.startswith("demo"):
+                deploy.stop_endpoint(ep.name, actor="test")
+    finally:  # the gateway process goes even when a stop fails
+        pid_file = get_settings().home_abs / "gateway.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid_file.read_text()), 15)
 
 
 def finetune_runs() -> int:

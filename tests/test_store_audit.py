@@ -121,6 +121,23 @@ def test_endpoints_revisions_replicas_and_grants(engine: Engine):
     assert r1.content_hash[:12] in route_entry.before and r2.content_hash[:12] in route_entry.after
 
 
+def test_a_health_probe_never_overwrites_a_stopped_replica(engine: Engine):
+    """The gateway's probe that was in flight when `endpoints stop` ran must not turn 'stopped' back into 'down'."""
+    from tasks.store.routes import record_replica_health
+
+    store.upsert_endpoint("probe", actor="admin", engine=engine)
+    rev = store.add_revision("probe", {"model": "m"}, served_model_name="probe", engine=engine)
+    rep = store.add_replica("probe", rev.id, base_url="http://127.0.0.1:9201", served_model_name="probe",
+                            state="starting", engine=engine)
+    assert record_replica_health(rep.id, "up", engine=engine) is True
+    assert record_replica_health(rep.id, "up", engine=engine) is False  # unchanged: no write
+    store.set_replica_state(rep.id, "stopped", actor="deploy", engine=engine)
+    assert record_replica_health(rep.id, "down", engine=engine) is False
+    assert [r.state for r in store.list_replicas("probe", rev.id, engine=engine)] == ["stopped"]
+    with pytest.raises(ConfigError, match="'up' or 'down'"):
+        record_replica_health(rep.id, "stopped", engine=engine)
+
+
 def test_attach_server_adds_replicas_to_the_same_revision(engine: Engine):
     rev1, _ = store.attach_server("ext", base_url="http://127.0.0.1:9101/v1", served_model="m", engine=engine)
     rev2, _ = store.attach_server("ext", base_url="http://localhost:9101/v1", served_model="m", engine=engine)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
+from tasks.core.errors import ConfigError
 from tasks.store.audit import entries as audit_entries
 from tasks.store.endpoints import (
     EndpointView,
@@ -19,7 +20,6 @@ from tasks.store.endpoints import (
     list_endpoints,
     list_replicas,
     list_revisions,
-    set_replica_state,
 )
 from tasks.store.keys import KeyInfo
 from tasks.store.schema import (
@@ -127,9 +127,24 @@ def read_epoch(raw_connection: Any) -> int:
         cur.close()
 
 
-def record_replica_health(replica_id: int, state: str, *, engine: Engine | None = None) -> ReplicaRow:
-    """The health loop's observation of a replica (up or down): neither audited nor an epoch bump."""
-    return set_replica_state(replica_id, state, audit=False, bump=False, engine=engine)
+OBSERVABLE_STATES = ("up", "down", "starting")
+
+
+def record_replica_health(replica_id: int, state: str, *, engine: Engine | None = None) -> bool:
+    """The health loop's observation of a replica (up or down): neither audited nor an epoch bump.
+
+    One conditional UPDATE: a state the managing step owns ('stopped', 'failed') is never overwritten,
+    even by a probe that was in flight when the step wrote it. Returns whether the row changed.
+    """
+    if state not in ("up", "down"):
+        raise ConfigError("state", state, "the health loop records only 'up' or 'down'")
+    with session_scope(engine) as s:
+        res = s.execute(
+            update(ReplicaRow)
+            .where(ReplicaRow.id == replica_id, ReplicaRow.state.in_(OBSERVABLE_STATES), ReplicaRow.state != state)
+            .values(state=state)
+        )
+        return bool(res.rowcount)
 
 
 def replica_pids(ids: list[int], *, engine: Engine | None = None) -> dict[int, int | None]:
