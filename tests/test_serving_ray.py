@@ -40,7 +40,7 @@ NUMBERS: dict[str, Any] = {}
 
 
 class Load:
-    """One client thread calling the gateway back to back, plain and streamed in turn; counts every outcome."""
+    """One client thread calling the gateway steadily, plain and streamed in turn; counts every outcome."""
 
     def __init__(self, client: openai.OpenAI, model: str = "demo-ray"):
         self.client, self.model = client, model
@@ -75,7 +75,9 @@ class Load:
             except Exception as exc:  # every failure counts; the tests assert on them
                 self.errors.append(f"{time.monotonic():.1f} {type(exc).__name__}: {exc}"[:300])
             self.requests += 1
-            time.sleep(0.05)  # leave the 2 cores some room for the replicas that are starting
+            # About 4 requests/s: hundreds of requests across a switch or a replacement, while the 2 cores stay
+            # free enough for the replicas that are starting (back to back, the load doubled their start time).
+            time.sleep(0.25)
 
     def __enter__(self) -> Load:
         self._thread.start()

@@ -95,6 +95,8 @@ class LocalTarget:
         env.setdefault("DO_NOT_TRACK", "1")
         if not has_cuda_gpu():
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gib))
+            if self.settings.cpu_single_process:
+                env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if args.enable_lora or args.lora_modules:
             # Lets the control plane hot-load adapters with /v1/load_lora_adapter, no restart.
             env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")

@@ -97,6 +97,8 @@ def runtime_env_vars(
         env["LLMHOST_VLLM_PYTHON"] = vllm_python
     if device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(get_settings().cpu_kvcache_space_gib)
+        if get_settings().cpu_single_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if lora:
         # Lets the control plane hot-load adapters with /v1/load_lora_adapter, no restart.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
