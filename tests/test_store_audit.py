@@ -347,3 +347,24 @@ def test_adapter_loads_are_refused_while_the_endpoint_is_being_deployed():
             adapters.load_into_endpoint("lease-adapters", "models:/demo/2")
         with pytest.raises(store.DeployInProgress, match="being deployed by alice"):
             adapters.unload_from_endpoint("lease-adapters", "demo-v2")
+
+
+def test_endpoints_stop_is_refused_while_the_endpoint_is_being_deployed(capsys: pytest.CaptureFixture[str]):
+    """`llmhost endpoints stop` takes the deploy lease: it names the holder and changes nothing."""
+    from flows.cli import main
+
+    store.upsert_endpoint("lease-stop", actor="admin")
+    rev = store.add_revision("lease-stop", {"model": "m"}, served_model_name="lease-stop")
+    rep = store.add_replica("lease-stop", rev.id, base_url="http://127.0.0.1:9301", served_model_name="lease-stop",
+                            state="up", managed=False)
+    audit_before = audit.count()
+    with held_elsewhere("lease-stop", "nightly-retrain"):
+        assert main(["endpoints", "stop", "lease-stop"]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "being deployed by nightly-retrain" in err, err
+    assert store.get_endpoint("lease-stop").status != "stopped"
+    assert [r.state for r in store.list_replicas("lease-stop", rev.id)] == ["up"] and rep.id
+    assert audit.count() == audit_before
+    assert main(["endpoints", "stop", "lease-stop"]) == 0  # once the deploy is over, the stop goes through
+    assert store.get_endpoint("lease-stop").status == "stopped"
+

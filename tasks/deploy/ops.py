@@ -17,9 +17,18 @@ from tasks.store import audit
 
 
 def stop_endpoint(name: str, *, actor: str | None = None) -> int:
-    """Stops every managed replica of every revision of the endpoint; returns how many were stopped."""
+    """Stops every managed replica of every revision of the endpoint; returns how many were stopped.
+
+    Takes the endpoint's deploy lease, so a stop never interleaves with a deploy, a rollback or an adapter load:
+    while one runs, the stop is refused with its holder named, and nothing is changed.
+    """
     actor = actor or audit.default_actor()
     store.get_endpoint(name)  # one-line error for an unknown name
+    with store.deploy_lease(name, actor=actor):
+        return _stop(name, actor)
+
+
+def _stop(name: str, actor: str) -> int:
     n = 0
     store.upsert_endpoint(name, status="stopped", actor=actor)  # the gateway refuses new requests first
     for rev in store.list_revisions(name):
