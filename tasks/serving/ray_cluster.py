@@ -53,6 +53,10 @@ def _clean_env() -> dict[str, str]:
     # machine, and a gateway that calls one proxy) left the worker node's replica idle: 16 of 16 requests went to
     # the head's. The nodes share a machine, so locality buys nothing; balance across all replicas instead.
     env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
+    # A vLLM replica whose constructor fails (a bad argument, a model that does not load) fails the same way again:
+    # Serve's default of 3 tries per replica made a bad revision take 6 vLLM starts (~7 min on 2 cores) to be
+    # reported. One try each; a replica that dies after it started is still replaced (that is not a retry).
+    env.setdefault("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
     return env
 
 
