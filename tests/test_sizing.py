@@ -455,8 +455,8 @@ def test_model_dir_reads_tokenizer_max_len(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
     est = size_model(tmp_path, SizingRequest(tier="cpu"))
     assert est.recommendation.max_model_len == 2048  # vLLM caps at the tokenizer's model_max_length too
-    with pytest.raises(ConfigError, match="registry refs"):
-        read_model_config("models:/demo@champion")
+    with pytest.raises(ConfigError, match="register it first"):  # models:/ refs: tests/test_cli_json.py
+        read_model_config("runs:/0123/model")
 
 
 def run_cli(argv, capsys):

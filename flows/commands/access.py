@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from flows.commands._output import json_option
+
 access_app = typer.Typer(help="Endpoint access for users and teams.", no_args_is_help=True)
 
 
@@ -33,18 +35,26 @@ def revoke(endpoint: str = typer.Argument(..., help="Endpoint name."),
     _change(False, endpoint, user, team)
 
 
-@access_app.command("list")
-def list_(endpoint: str = typer.Argument(None, help="Only this endpoint.")) -> None:
-    """List grants."""
-    from rich.console import Console
-    from rich.table import Table
+GRANT_KEYS = ("endpoint", "kind", "name")
 
+
+@access_app.command("list")
+def list_(
+    endpoint: str = typer.Argument(None, help="Only this endpoint."),
+    as_json: bool = json_option("a list of grant objects", GRANT_KEYS, "kind is user or team."),
+) -> None:
+    """List grants."""
+    from flows.commands._output import console, emit_json, short, table
     from tasks import store
 
-    table = Table("endpoint", "kind", "name")
-    for ep, kind, name in store.list_grants(endpoint):
-        table.add_row(ep, kind, name)
-    Console().print(table)
+    grants = store.list_grants(endpoint)
+    if as_json:
+        emit_json([dict(zip(GRANT_KEYS, g, strict=True)) for g in grants])
+        return
+    t = table("endpoint", "kind", "name")
+    for ep, kind, name in grants:
+        t.add_row(short(ep, 30), kind, short(name, 30))
+    console().print(t)
 
 
 def register(app: typer.Typer) -> None:

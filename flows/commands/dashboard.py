@@ -24,11 +24,19 @@ def admin(
 
 
 @dashboard_app.command("admins")
-def admins() -> None:
-    """List dashboard admins."""
+def admins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead: a list of user names (strings)."),
+) -> None:
+    """List dashboard admins, one per line."""
     from gateway.dashboard.auth import list_admins
 
-    for name in list_admins():
+    names = list_admins()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(list(names), indent=2))
+        return
+    for name in names:
         typer.echo(name)
 
 

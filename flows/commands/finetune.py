@@ -87,7 +87,14 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"unloaded {endpoint}:{c.adapter} ({c.method}, {c.seconds:.2f}s) {c.note}".rstrip())
 
     @adapters.command("list")
-    def list_cmd(endpoint: str = typer.Argument(..., help="Endpoint name.")) -> None:
+    def list_cmd(
+        endpoint: str = typer.Argument(..., help="Endpoint name."),
+        as_json: bool = typer.Option(
+            False, "--json",
+            help="Print JSON instead: one object; keys: endpoint, adapters (adapter name -> served name on the "
+            "live revision), replicas (a list; keys: url, served (list, or null when unreachable), error).",
+        ),
+    ) -> None:
         """Adapters the endpoint's live revision serves, and what each replica reports."""
         from tasks import store
         from tasks.serving.lora import served_adapters
@@ -95,6 +102,17 @@ def register(app: typer.Typer) -> None:
         e = store.get_endpoint(endpoint)
         revs = [r for r in store.list_revisions(endpoint) if r.id == e.live_revision_id]
         known = dict(revs[0].adapters or {}) if revs else {}
+        if as_json:
+            import json
+
+            replicas = []
+            for r in store.list_replicas(endpoint):
+                try:
+                    replicas.append({"url": r.base_url, "served": list(served_adapters(r.base_url)), "error": None})
+                except Exception as exc:  # a down replica should not hide the others
+                    replicas.append({"url": r.base_url, "served": None, "error": type(exc).__name__})
+            typer.echo(json.dumps({"endpoint": endpoint, "adapters": known, "replicas": replicas}, indent=2))
+            return
         typer.echo(f"{endpoint}: " + (", ".join(f"{endpoint}:{k}" for k in sorted(known)) or "no adapters"))
         for r in store.list_replicas(endpoint):
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from flows.commands._output import json_option
+
 keys_app = typer.Typer(help="API keys: create (shown once), list, revoke.", no_args_is_help=True)
 
 
@@ -11,7 +13,7 @@ def _fmt(dt) -> str:  # type: ignore[no-untyped-def]
     return dt.strftime("%Y-%m-%d %H:%M") if dt else "-"
 
 
-@keys_app.command("create")
+@keys_app.command("create", epilog="Example: llmhost keys create --user alice --team ml --expires 30d")
 def create(
     user: str = typer.Option(..., "--user", help="Who the key belongs to (created on first use)."),
     team: str = typer.Option(None, "--team", help="Team the key bills to and takes grants from."),
@@ -32,24 +34,43 @@ def create(
                 "Copy it now: it is not shown again.", err=True, fg="green")
 
 
-@keys_app.command("list")
-def list_(active: bool = typer.Option(False, "--active", help="Hide revoked keys.")) -> None:
-    """List keys by public prefix (secrets are never shown)."""
-    from rich.console import Console
-    from rich.table import Table
+KEY_KEYS = ("prefix", "user", "team", "created_at", "expires_at", "revoked_at", "status", "description")
 
+
+@keys_app.command("list", epilog="Example: llmhost keys list --active --json")
+def list_(
+    active: bool = typer.Option(False, "--active", help="Hide revoked keys."),
+    as_json: bool = json_option("a list of key objects", KEY_KEYS,
+                                "Times are ISO 8601 UTC or null; status is active, expired or revoked. "
+                                "Raw keys and key hashes are never printed."),
+) -> None:
+    """List keys by public prefix (secrets are never shown)."""
+    from flows.commands._output import console, emit_json, short, table
     from tasks import store
 
-    table = Table("prefix", "user", "team", "created", "expires", "status", "description")
     now = store.utcnow()
-    for k in store.list_keys(include_revoked=not active):
-        status = "revoked" if k.revoked_at else ("expired" if k.is_expired(now) else "active")
-        table.add_row(k.prefix, k.user, k.team or "-", _fmt(k.created_at), _fmt(k.expires_at), status,
-                      k.description or "")
-    Console().print(table)
+    keys = store.list_keys(include_revoked=not active)
+
+    def status(k) -> str:  # type: ignore[no-untyped-def]
+        return "revoked" if k.revoked_at else ("expired" if k.is_expired(now) else "active")
+
+    if as_json:
+        emit_json([{"prefix": k.prefix, "user": k.user, "team": k.team, "created_at": _iso(k.created_at),
+                    "expires_at": _iso(k.expires_at), "revoked_at": _iso(k.revoked_at), "status": status(k),
+                    "description": k.description} for k in keys])
+        return
+    t = table("prefix", "user", "team", "created (UTC)", "expires", "status", "description")
+    for k in keys:
+        t.add_row(k.prefix, short(k.user, 12), short(k.team, 8), _fmt(k.created_at), _fmt(k.expires_at)[:10],
+                  status(k), short(k.description, 12))
+    console().print(t)
 
 
-@keys_app.command("revoke")
+def _iso(dt) -> str | None:  # type: ignore[no-untyped-def]
+    return dt.isoformat() if dt else None
+
+
+@keys_app.command("revoke", epilog="Example: llmhost keys revoke 1a2b3c4d")
 def revoke(prefix: str = typer.Argument(..., help="The key's public prefix (from `keys list`).")) -> None:
     """Revoke a key; running gateways refuse it from the next request on."""
     from tasks import store

@@ -6,6 +6,11 @@ import json
 
 import typer
 
+from flows.commands._output import json_option
+
+REGISTERED_KEYS = ("name", "version", "created", "model_uri", "source", "run_id", "tags")
+SUMMARY_KEYS = ("name", "latest_version", "aliases", "tags")
+
 # Shown first in `models show`; the rest follow alphabetically.
 _KEY_TAGS = (
     "source", "content_hash", "architectures", "params_total", "params_active", "dtype", "max_context",
@@ -26,12 +31,12 @@ def _tag_table(title: str, tags: dict[str, str]):  # -> rich.table.Table
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("register")
+    @app.command("register", epilog="Example: llmhost register path:.llmhost/demo/model --name demo")
     def register_cmd(
-        source: str = typer.Argument(..., help="hf:ORG/NAME[@REV], run:RUN_ID[/ARTIFACT_PATH] or path:DIR"),
+        source: str = typer.Argument(..., help="hf:ORG/NAME\\[@REV], run:RUN_ID\\[/ARTIFACT_PATH] or path:DIR"),
         name: str = typer.Option(..., "--name", "-n", help="Registered model name in MLflow."),
         force: bool = typer.Option(False, "--force", help="Register even if vLLM cannot serve the arch."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        as_json: bool = json_option("one object", REGISTERED_KEYS, "tags maps tag name to string value."),
     ) -> None:
         """Register a model version in MLflow (reused when the same content is already registered)."""
         from rich.console import Console
@@ -54,32 +59,38 @@ def register(app: typer.Typer) -> None:
     models = typer.Typer(help="Registered models.", no_args_is_help=True)
     app.add_typer(models, name="models")
 
-    @models.command("list")
-    def list_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    @models.command("list", epilog="Example: llmhost models list --json")
+    def list_cmd(
+        as_json: bool = json_option("a list of model objects", SUMMARY_KEYS,
+                                    "aliases maps alias to version; tags are the latest version's."),
+    ) -> None:
         """Registered models with their latest version and aliases."""
-        from rich.console import Console
-        from rich.table import Table
-
+        from flows.commands._output import console, short, table
         from tasks.register import VersionTags, list_models
 
         rows = list_models()
         if as_json:
-            typer.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+            typer.echo(json.dumps([r.model_dump(include=set(SUMMARY_KEYS)) for r in rows], indent=2))
             return
-        table = Table("name", "latest", "aliases", "architectures", "params", "dtype", "ctx", "vLLM")
+        t = table("name", "latest", "aliases", "architecture", "params", "dtype", "ctx", "vLLM")
         for r in rows:
-            t = VersionTags.from_mlflow(r.tags)
-            aliases = ", ".join(f"{a}->{v}" for a, v in sorted(r.aliases.items()))
-            params = f"{t.params_total / 1e6:.2f}M" if t.params_total is not None else "?"
-            vllm = "" if t.vllm_supported is None else str(t.vllm_supported).lower()
-            table.add_row(
-                r.name, r.latest_version or "-", aliases, ",".join(t.architectures or []), params,
-                t.dtype or "", str(t.max_context or ""), vllm,
+            tg = VersionTags.from_mlflow(r.tags)
+            aliases = ",".join(f"{a}:{v}" for a, v in sorted(r.aliases.items()))
+            params = f"{tg.params_total / 1e6:.1f}M" if tg.params_total is not None else "?"
+            vllm = "" if tg.vllm_supported is None else ("yes" if tg.vllm_supported else "no")
+            t.add_row(
+                short(r.name, 14), r.latest_version or "-", short(aliases, 18),
+                short(",".join(tg.architectures or []), 14), params, short(tg.dtype, 8), str(tg.max_context or ""),
+                vllm,
             )  # fmt: skip
-        Console().print(table)
+        console().print(t)
 
-    @models.command("show")
-    def show_cmd(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    @models.command("show", epilog="Example: llmhost models show demo --json")
+    def show_cmd(
+        name: str = typer.Argument(..., help="Registered model name."),
+        as_json: bool = json_option("a list of version objects, oldest first", REGISTERED_KEYS,
+                                    "created is always false here; tags maps tag name to string value."),
+    ) -> None:
         """Every version of NAME with its tags."""
         from rich.console import Console
 
@@ -87,13 +98,13 @@ def register(app: typer.Typer) -> None:
 
         versions = model_versions(name)
         if as_json:
-            typer.echo(json.dumps([v.model_dump() for v in versions], indent=2))
+            typer.echo(json.dumps([v.model_dump(include=set(REGISTERED_KEYS)) for v in versions], indent=2))
             return
         console = Console()
         for v in versions:
             console.print(_tag_table(f"{v.model_uri}  (run {v.run_id})", v.tags))
 
-    @models.command("resolve")
+    @models.command("resolve", epilog="Example: llmhost models resolve models:/demo@champion")
     def resolve_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VER")) -> None:
         """Print the local Hugging Face folder vLLM would load for REF (downloads it if needed)."""
         from tasks.register import resolve_model_ref

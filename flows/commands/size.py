@@ -6,11 +6,28 @@ from pathlib import Path
 
 import typer
 
+from flows.commands._output import json_help
+
+# Written out (not read from MemoryEstimate) so `--help` stays fast; a test checks they agree.
+ESTIMATE_KEYS = ("params_total", "params_active", "weight_bytes", "kv_bytes_per_token", "kv_bytes_total",
+                 "overhead_bytes", "total_bytes", "fits", "kv_capacity_tokens", "max_concurrency", "recommendation",
+                 "refusal", "suggestions", "explanation")  # fmt: skip
+RECOMMENDATION_KEYS = ("tier", "gpus", "tensor_parallel_size", "max_model_len", "kv_cache_dtype", "max_num_seqs",
+                       "gpu_memory_utilization", "vllm_args")  # fmt: skip
+_JSON_HELP = json_help(
+    "one MemoryEstimate object (instead of the explanation)", ESTIMATE_KEYS,
+    f"recommendation is null when nothing fits, else has keys {', '.join(RECOMMENDATION_KEYS)}; sizes are bytes.",
+)
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("size")
+    @app.command("size", epilog="Example: llmhost size models:/demo@champion --max-model-len 1024 --json")
     def size(
-        model_ref: str | None = typer.Argument(None, help="Local model dir (holding config.json)."),
+        model_ref: str | None = typer.Argument(
+            None,
+            help="models:/NAME/VERSION, models:/NAME@ALIAS (an adapter version sizes its base) or a local model "
+            "dir holding config.json. Only config files are fetched, never weights.",
+        ),
         config: Path | None = typer.Option(
             None, "--config", help="Path to a config.json instead of a model dir."
         ),
@@ -37,7 +54,7 @@ def register(app: typer.Typer) -> None:
         overhead_gib: float | None = typer.Option(
             None, help="Per-GPU overhead in GiB, replacing the estimate."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print the MemoryEstimate as JSON."),
+        as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
         list_tiers: bool = typer.Option(False, "--list-tiers", help="Print the tier catalog and exit."),
     ) -> None:
         """Size weights, KV cache and overhead; pick the cheapest tier, tensor parallel size and vLLM args."""
@@ -76,7 +93,9 @@ def register(app: typer.Typer) -> None:
         else:
             console.print(Markdown(estimate.explanation))
         if not estimate.fits:
-            if model_ref:
+            if model_ref and model_ref.startswith("models:/"):
+                name = model_ref.removeprefix("models:/")
+            elif model_ref:
                 name = Path(model_ref).name
             else:
                 name = (

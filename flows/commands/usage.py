@@ -4,30 +4,40 @@ from __future__ import annotations
 
 import typer
 
+from flows.commands._output import json_option
+
+USAGE_KEYS = ("endpoint", "user", "team", "key_prefix", "requests", "errors", "prompt_tokens", "completion_tokens",
+              "avg_latency_ms", "avg_ttft_ms")  # fmt: skip
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("usage")
+    @app.command("usage", epilog="Example: llmhost usage --since 24h --json")
     def usage(
         endpoint: str = typer.Option(None, "--endpoint", help="Only this endpoint."),
         since: str = typer.Option(None, "--since", help="Window such as 1h, 24h, 7d; default all time."),
+        as_json: bool = json_option("a list of objects, one per endpoint/user/team/key", USAGE_KEYS,
+                                    "avg_ttft_ms is null when no streamed request measured it."),
     ) -> None:
-        """Print a usage table (gateways write rows in batches, within about a second)."""
-        from rich.console import Console
-        from rich.table import Table
+        """Requests, errors, tokens and mean latency (ms) per endpoint, user, team and key.
 
+        Gateways write usage rows in batches, within about a second of the request.
+        """
+        from flows.commands._output import console, emit_json, pick, short, table, tokens
         from tasks import store
 
         start = store.utcnow() - store.parse_duration(since, field_name="--since") if since else None
         rows = store.summarize_usage(endpoint=endpoint, since=start)
+        if as_json:
+            emit_json([pick(r, USAGE_KEYS) for r in rows])
+            return
         title = f"usage{f' of {endpoint}' if endpoint else ''}{f' in the last {since}' if since else ''}"
-        table = Table("endpoint", "user", "team", "key", "requests", "errors", "prompt tok", "completion tok",
-                      "avg latency ms", "avg TTFT ms", title=title)
+        t = table("endpoint", "user", "team", "key", "req", "err", "tok in/out", "ms", "TTFT", title=title)
         for r in rows:
-            ttft = f"{r.avg_ttft_ms:.1f}" if r.avg_ttft_ms is not None else "-"
-            table.add_row(r.endpoint or "-", r.user or "-", r.team or "-", r.key_prefix or "-",
-                          str(r.requests), str(r.errors), str(r.prompt_tokens), str(r.completion_tokens),
-                          f"{r.avg_latency_ms:.1f}", ttft)
-        console = Console()
-        console.print(table)
+            ttft = f"{r.avg_ttft_ms:.0f}" if r.avg_ttft_ms is not None else "-"
+            t.add_row(short(r.endpoint, 12), short(r.user, 10), short(r.team, 7), r.key_prefix or "-",
+                      str(r.requests), str(r.errors), f"{tokens(r.prompt_tokens)}/{tokens(r.completion_tokens)}",
+                      f"{r.avg_latency_ms:.0f}", ttft)
+        out = console()
+        out.print(t)
         if not rows:
-            console.print("no usage recorded yet: call an endpoint through `llmhost gateway` first")
+            out.print("no usage recorded yet: call an endpoint through `llmhost gateway` first")

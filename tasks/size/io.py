@@ -53,11 +53,13 @@ def read_model_config(
     """config.json from a local model dir (MODEL_REF) or an explicit file (--config)."""
     if (model_ref is None) == (config_path is None):
         raise ConfigError("model", model_ref or config_path, "pass exactly one of MODEL_REF or --config")
-    if model_ref is not None and str(model_ref).startswith(("models:/", "runs:/", "hf://")):
+    if model_ref is not None and str(model_ref).startswith("models:/"):
+        return registry_model_config(str(model_ref))
+    if model_ref is not None and str(model_ref).startswith(("runs:/", "hf://", "hf:")):
         raise ConfigError(
             "model",
             str(model_ref),
-            "registry refs are not sized yet; pass a local model dir or --config path/to/config.json",
+            "register it first (llmhost register ...), then size models:/NAME/VERSION or models:/NAME@ALIAS",
         )
     if config_path is not None:
         path = Path(config_path)
@@ -73,15 +75,84 @@ def read_model_config(
         path = root / "config.json" if root.is_dir() else root
         field, name = "model", root.name if root.is_dir() else root.stem
     config = _read_json(path, field)
-    tok_max = None
-    tok_cfg = path.parent / "tokenizer_config.json"
-    if tok_cfg.exists():
-        try:
-            value = json.loads(tok_cfg.read_text()).get("model_max_length")
-            tok_max = int(value) if isinstance(value, int | float) and value < 10**9 else None
-        except (json.JSONDecodeError, ValueError):
-            tok_max = None
-    return ModelConfigSource(config, name, path, tok_max)
+    return ModelConfigSource(config, name, path, _tokenizer_max_len(path.parent / "tokenizer_config.json"))
+
+
+def _tokenizer_max_len(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("model_max_length")
+    except (json.JSONDecodeError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int | float) and value < 10**9 else None
+
+
+def registry_model_config(ref: str) -> ModelConfigSource:
+    """config.json of a registered version (an adapter's base for a LoRA adapter), without its weights.
+
+    Only the small files are downloaded: sizing a 70B hub model must not fetch 140 GB.
+    """
+    import tempfile
+
+    from tasks.core.errors import RegistryError
+    from tasks.core.tracking import mlflow_client
+    from tasks.register import VersionTags, get_version
+    from tasks.register.fetch import MLFLOW_MODEL_NAME
+
+    mv = get_version(ref)
+    tags = VersionTags.from_mlflow(mv.tags)
+    label = f"models:/{mv.name}/{mv.version}"
+    if tags.adapter:
+        base = tags.base_model or (f"models:/{mv.name}/{tags.base_version}" if tags.base_version else None)
+        if base is None:
+            raise RegistryError(
+                f"model_ref={ref!r}: {label} is a LoRA adapter without a base_model tag; "
+                "size its base with models:/NAME/VERSION"
+            )
+        mv = get_version(base)
+        tags = VersionTags.from_mlflow(mv.tags)
+        label = f"models:/{mv.name}/{mv.version} (the base of adapter {ref})"
+    root = mlflow_client().get_model_version_download_uri(mv.name, str(mv.version)).rstrip("/")
+    # By reference (hub) the descriptor sits at the top; logged models keep the checkpoint in model/.
+    folders = ["", f"{MLFLOW_MODEL_NAME}/"] if tags.storage == "reference" else [f"{MLFLOW_MODEL_NAME}/", ""]
+    with tempfile.TemporaryDirectory(prefix="llmhost-size-") as tmp:
+        config_path = _first_download(root, [f"{f}config.json" for f in folders], Path(tmp) / "cfg")
+        if config_path is None:
+            raise RegistryError(
+                f"model_ref={ref!r}: {label} stores no config.json; re-register it with llmhost register"
+            )
+        config = _read_json(config_path, "model")
+        tok = _first_download(
+            root, [f"{folders[0]}tokenizer_config.json", f"{folders[0]}components/tokenizer/tokenizer_config.json"],
+            Path(tmp) / "tok",
+        )
+        tok_max = _tokenizer_max_len(tok) if tok else None
+    where = Path(f"{root}/{folders[0]}config.json")
+    return ModelConfigSource(config, f"{mv.name}/{mv.version}", where, tok_max)
+
+
+def _first_download(root: str, candidates: list[str], dest: Path) -> Path | None:
+    """The first of `candidates` (paths under the artifact URI `root`) that exists, downloaded into `dest`."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register.fetch import mlflow_artifacts_download
+
+    # One small file each: MLflow's progress bar would only add noise to `llmhost size`.
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        for rel in candidates:
+            try:
+                return Path(mlflow_artifacts_download(f"{root}/{rel}", str(dest)))
+            except (MlflowException, OSError):
+                continue
+        return None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def machine_memory_bytes() -> int:
