@@ -34,4 +34,22 @@ def evaluate_flow(
     key = "eval-" + "".join(c if c.isalnum() else "-" for c in res.suite.lower())
     create_markdown_artifact(res.report_markdown, key=key, description=f"Evaluation of {', '.join(targets)}")
     print(f"{res.suite}: {res.verdict or 'evaluated'} runs={res.run_ids}")
+    failed = _failed_runs(res.run_ids)
+    if failed or res.verdict == "CANNOT TELL":
+        # The report is published above; the flow run itself fails, as `llmhost eval run` exits 1.
+        raise EvalError(
+            f"targets={targets!r}: too many examples failed (above the suite's thresholds.max_error_rate) in "
+            f"MLflow runs {failed or res.run_ids}; the report lists each error class with its fix"
+        )
     return res
+
+
+def _failed_runs(run_ids: dict[str, str]) -> list[str]:
+    """The MLflow runs that the evaluation marked FAILED (error rate above the suite's max_error_rate)."""
+    import mlflow
+
+    from tasks.core.tracking import configure_mlflow
+
+    configure_mlflow()
+    client = mlflow.MlflowClient()
+    return [rid for rid in run_ids.values() if client.get_run(rid).info.status == "FAILED"]

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from tasks.core.errors import EvalError
+from tasks.evaluate.failures import ErrorGroup
 from tasks.evaluate.metric_specs import (
     Classification,
     ExactMatch,
@@ -245,6 +246,7 @@ def verdict_for(
     *,
     narrow_task: bool,
     candidate_precision: str | None = None,
+    failed_runs: list[str] | None = None,
 ) -> Verdict:
     """Ready when the primary score is not worse beyond the tolerance at 95% and latency and cost hold.
 
@@ -253,7 +255,14 @@ def verdict_for(
     answers to a fine-tune on a narrow task and to a larger model on an open-ended one.
     """
     tol = thresholds.tolerance
-    checks: list[Check] = []
+    checks: list[Check] = [Check(name="run failed", ok=False, detail=f) for f in failed_runs or []]
+    if failed_runs:  # scores of a run whose examples went unanswered say nothing about the model
+        return Verdict(
+            ready=False,
+            headline="CANNOT TELL",
+            reasons=[f"run failed: {f}" for f in failed_runs],
+            checks=checks,
+        )
     d = primary.diff
     q_ok = bool(np.isfinite(d.low) and d.low >= -tol)
     checks.append(
@@ -344,6 +353,10 @@ class RunSide(BaseModel):
     model: str
     stats: RunStats
     cost: CostEstimate
+    errors: list[ErrorGroup] = Field(default_factory=list, description="Failed examples by error class.")
+    request_rules: dict[str, list[str]] = Field(
+        default_factory=dict, description="Params the target's rules ignored, dropped, changed or adapted."
+    )
 
 
 class Comparison(BaseModel):
@@ -411,20 +424,34 @@ def compare(
         (cand_cost.per_1k_requests_usd, base_cost.per_1k_requests_usd),
         narrow_task=narrow,
         candidate_precision=candidate_precision,
+        failed_runs=[
+            f"{r.target.spec}: {r.stats.n_failed}/{r.stats.n} examples failed (error rate "
+            f"{r.stats.error_rate:.2f} > max_error_rate {suite.thresholds.max_error_rate:g}); "
+            + "; ".join(g.line() for g in r.error_groups)
+            for r in (candidate, baseline)
+            if r.stats.error_rate > suite.thresholds.max_error_rate
+        ],
     )
     return Comparison(
         suite=suite.name,
         suite_version=suite.version,
         suite_hash=candidate.suite_hash,
-        candidate=RunSide(
-            target=candidate.target.spec, model=candidate.target.model, stats=candidate.stats, cost=cand_cost
-        ),
-        baseline=RunSide(
-            target=baseline.target.spec, model=baseline.target.model, stats=baseline.stats, cost=base_cost
-        ),
+        candidate=_side(candidate, cand_cost),
+        baseline=_side(baseline, base_cost),
         metrics=mcs,
         primary=suite.primary,
         verdict=verdict,
+    )
+
+
+def _side(r: RunResult, cost: CostEstimate) -> RunSide:
+    return RunSide(
+        target=r.target.spec,
+        model=r.target.model,
+        stats=r.stats,
+        cost=cost,
+        errors=r.error_groups,
+        request_rules=r.request_rules,
     )
 
 

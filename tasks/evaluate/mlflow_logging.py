@@ -145,6 +145,10 @@ def metrics_of(result: RunResult, summaries: dict[str, Interval]) -> dict[str, f
         wall_s=s.wall_s,
         n_examples=s.n,
         n_failed=s.n_failed,
+        error_rate=s.error_rate,
+        tokens_reasoning_total=s.tokens_reasoning_total,
+        n_no_usage=s.n_no_usage,
+        rate_limit_wait_s=s.rate_limit_wait_s,
         **{f"retries_{k}": float(v) for k, v in s.retries.items()},
     )
     return out
@@ -153,7 +157,9 @@ def metrics_of(result: RunResult, summaries: dict[str, Interval]) -> dict[str, f
 def examples_table(result: RunResult, loaded: LoadedSuite) -> dict[str, list[Any]]:
     """Per-example columns for `mlflow.log_table`."""
     names = loaded.suite.score_names
-    cols: dict[str, list[Any]] = {k: [] for k in ("id", "input", "output", "tool_calls", "ok", "error")}
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("id", "input", "output", "tool_calls", "ok", "error", "error_class")
+    }
     for n in names:
         cols[n] = []
     for k in ("latency_s", "ttft_s", "tokens_in", "tokens_out", "retries", "trace_id", "row"):
@@ -165,6 +171,7 @@ def examples_table(result: RunResult, loaded: LoadedSuite) -> dict[str, list[Any
         cols["tool_calls"].append(json.dumps(rec.tool_calls) if rec.tool_calls else "")
         cols["ok"].append(rec.ok)
         cols["error"].append(rec.error or "")
+        cols["error_class"].append(rec.error_class or "")
         for n in names:
             cols[n].append(rec.scores.get(n))
         for k in ("latency_s", "ttft_s", "tokens_in", "tokens_out", "retries", "trace_id"):
@@ -225,6 +232,13 @@ def log_result(
         "temperature": result.generation.temperature,
         "max_tokens": result.generation.max_tokens,
     }
+    # What was sent, and what the target's rules did to the suite's params: two runs are comparable only
+    # when neither ignored or dropped a parameter the other honoured.
+    params["params_sent"] = ",".join(sorted(k for k in result.request_params if k != "tools"))
+    for kind, lines in result.request_rules.items():
+        if lines:
+            params[f"params_{kind}"] = "; ".join(lines)[:500]
+    params["max_error_rate"] = result.max_error_rate
     if mv := result.info.model_entry.get("model_version"):
         params["model_version"] = mv
     if t.pricing is not None:
@@ -242,6 +256,7 @@ def log_result(
             "llmhost.suite_hash": result.suite_hash,
             "llmhost.revision_hash": result.info.revision_hash,
             "llmhost.target": t.spec,
+            "llmhost.run_failed": str(result.failed).lower(),
         }
     )
     metrics = metrics_of(result, summaries)
@@ -249,4 +264,6 @@ def log_result(
         metrics["cost_per_1k_requests_usd"] = cost
     mlflow.log_metrics(metrics)
     mlflow.log_table(examples_table(result, loaded), artifact_file=EXAMPLES_TABLE)
+    if groups := result.error_groups:
+        mlflow.log_dict({"errors": [g.model_dump() for g in groups]}, "eval_errors.json")
     return summaries

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.evaluate.compare import N_BOOT, Comparison, Interval, PassCheck, pass_checks, summarize
+from tasks.evaluate.compare import N_BOOT, Comparison, Interval, PassCheck, RunSide, pass_checks, summarize
+from tasks.evaluate.failures import ErrorGroup, run_failed_line
 from tasks.evaluate.runner import RunResult, RunStats
 from tasks.evaluate.suite import EvalSuite
 
@@ -88,7 +89,39 @@ def render_markdown(cmp: Comparison) -> str:
         cost = "unknown" if side.cost.per_1k_requests_usd is None else f"${side.cost.per_1k_requests_usd:.4f}"
         lines.append(f"- {label} `{side.target}`: **{cost}** = {side.cost.basis}")
         lines += [f"  - assumes {a}" for a in side.cost.assumptions]
+    lines += _sides_notes(c, b)
     return "\n".join(lines) + "\n"
+
+
+def error_lines(groups: list[ErrorGroup]) -> list[str]:
+    """One line per error class: count, class, fix (`24x 400 unsupported_parameter max_tokens: ...`)."""
+    return [g.line() for g in groups]
+
+
+def rules_lines(rules: dict[str, list[str]]) -> list[str]:
+    """What the target's request rules did: `ignored: seed: ignored by anthropic`, one line each."""
+    return [f"{kind}: {line}" for kind in ("ignored", "dropped", "changed", "adapted") for line in rules.get(kind, [])]
+
+
+def _sides_notes(c: RunSide, b: RunSide) -> list[str]:
+    out: list[str] = []
+    if c.errors or b.errors:
+        out += ["", "## Errors", ""]
+        for label, side in (("candidate", c), ("baseline", b)):
+            out += [f"- {label} `{side.target}`: {line}" for line in error_lines(side.errors)]
+    if c.request_rules or b.request_rules:
+        notes = [
+            f"- {label} `{side.target}`: {line}"
+            for label, side in (("candidate", c), ("baseline", b))
+            for line in rules_lines(side.request_rules)
+        ]
+        if notes:
+            out += ["", "## Request parameters", "", "Parameters a side ignored or did not send make the "
+                    "two runs less comparable on them:", "", *notes]
+    for label, side in (("candidate", c), ("baseline", b)):
+        if side.stats.n_no_usage:
+            out.append(f"- {label}: {side.stats.n_no_usage} answers carried no `usage`; their tokens are unknown")
+    return out
 
 
 def plot(cmp: Comparison, path: Path) -> Path:
@@ -146,7 +179,8 @@ def pass_line(check: PassCheck) -> str:
 def stats_line(s: RunStats) -> str:
     """Load-side numbers of a run on one line (`llmhost eval run`)."""
     return (
-        f"{s.n_ok}/{s.n} ok, {s.n_failed} failed, retries {s.retries}; {s.throughput_rps:.2f} req/s at "
+        f"{s.n_ok}/{s.n} ok, {s.n_failed} failed (error rate {s.error_rate:.2f}), retries {s.retries}; "
+        f"{s.throughput_rps:.2f} req/s at "
         f"concurrency {s.concurrency}; latency p50 {s.latency_p50_s or 0:.3f}s "
         f"p95 {s.latency_p95_s or 0:.3f}s; TTFT p50 {s.ttft_p50_s or 0:.3f}s; "
         f"tokens in/out {s.tokens_in_mean or 0:.1f}/{s.tokens_out_mean or 0:.1f}"
@@ -169,4 +203,8 @@ def render_run_markdown(suite: EvalSuite, target: str, result: RunResult) -> str
         f"- {s.n_ok}/{s.n} ok; latency p50 {s.latency_p50_s or 0:.3f}s, p95 {s.latency_p95_s or 0:.3f}s; "
         f"TTFT p50 {s.ttft_p50_s or 0:.3f}s; {s.throughput_rps:.2f} req/s"
     )
+    if failed := run_failed_line(s.n, s.n_failed, result.max_error_rate):
+        lines.insert(2, f"**{failed}**\n")
+    lines += [f"- error: {e}" for e in error_lines(result.error_groups)]
+    lines += [f"- params {r}" for r in rules_lines(result.request_rules)]
     return "\n".join(lines) + "\n"

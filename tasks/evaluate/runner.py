@@ -13,19 +13,27 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import httpx2  # the openai SDK's HTTP client (a fork of httpx); its errors can surface mid-stream
 import numpy as np
 import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from tasks.core.errors import EvalError
 from tasks.core.settings import get_settings
+from tasks.evaluate.calls import (  # noqa: F401 - make_client and request_params are used from here too
+    Failure,
+    RequestPlan,
+    call_with_retries,
+    make_client,
+    plan_for,
+    preflight,
+    request_params,
+    shape_request,
+    stream_once,
+)
+from tasks.evaluate.failures import ErrorGroup, group_errors
 from tasks.evaluate.metric_specs import LlmJudge
 from tasks.evaluate.metrics import ModelOutput, ScoreColumn, judge_messages, parse_judge, score_all
 from tasks.evaluate.suite import Example, GenerationParams, LoadedSuite
-from tasks.evaluate.targets import ResolvedTarget, TargetInfo, endpoint_revision, resolve_target
-
-RETRY_STATUS = {429, 500, 502, 503, 504}
+from tasks.evaluate.targets import ResolvedTarget, TargetInfo, resolve_target
 
 
 class ExampleRecord(BaseModel):
@@ -35,6 +43,7 @@ class ExampleRecord(BaseModel):
     id: str
     ok: bool
     error: str | None = None
+    error_class: str | None = Field(default=None, description="e.g. `400 unsupported_parameter max_tokens`.")
     output: str = ""
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     finish_reason: str | None = None
@@ -43,6 +52,7 @@ class ExampleRecord(BaseModel):
     ttft_s: float | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    tokens_reasoning: int | None = Field(default=None, description="Hidden reasoning tokens (billed as output).")
     retries: int = 0
     started_ns: int | None = Field(default=None, description="Wall-clock start of the answered attempt (ns).")
     judge_notes: dict[str, str] = Field(default_factory=dict)
@@ -67,6 +77,13 @@ class RunStats(BaseModel):
     tokens_out_mean: float | None = None
     tokens_in_total: int = 0
     tokens_out_total: int = 0
+    tokens_reasoning_total: int = 0
+    n_no_usage: int = Field(default=0, description="Answers that carried no `usage` (tokens, cost unknown).")
+    rate_limit_wait_s: float = Field(default=0.0, description="Time held by the client-side rpm/tpm limiter.")
+
+    @property
+    def error_rate(self) -> float:
+        return self.n_failed / self.n if self.n else 0.0
 
 
 class RunResult(BaseModel):
@@ -83,171 +100,28 @@ class RunResult(BaseModel):
     stats: RunStats
     generation: GenerationParams
     request_params: dict[str, Any] = Field(default_factory=dict, description="Sent with every request.")
+    request_rules: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="What the target's rules did to the suite's params: ignored, dropped, changed, adapted.",
+    )
+    max_error_rate: float = Field(default=0.05, description="The suite's limit on failed examples.")
     _columns: dict[str, ScoreColumn] = PrivateAttr(default_factory=dict)
 
     @property
     def columns(self) -> dict[str, ScoreColumn]:
         return self._columns
 
+    @property
+    def failed(self) -> bool:
+        """Too many examples got no answer for the scores to mean anything."""
+        return self.stats.error_rate > self.max_error_rate
+
+    @property
+    def error_groups(self) -> list[ErrorGroup]:
+        return group_errors(self.records, target=self.target.spec, key_env=self.target.api_key_env)
+
 
 # ---------------------------------------------------------------------------------------------- calls
-
-
-class _Failure(Exception):
-    def __init__(self, message: str, retries: int):
-        self.retries = retries
-        super().__init__(message)
-
-
-def make_client(
-    target: ResolvedTarget, timeout_s: float, api_key: str | None = None
-) -> openai.AsyncOpenAI:
-    """Async client with SDK retries off: the runner retries itself so that it can count them.
-
-    `api_key` is the gateway key for an `endpoint:` target; without it the key comes from the environment.
-    """
-    s = get_settings()
-    return openai.AsyncOpenAI(
-        base_url=target.base_url,
-        api_key=target.api_key(api_key),
-        max_retries=0,
-        timeout=openai.Timeout(timeout_s, connect=s.connect_timeout_s),
-    )
-
-
-async def preflight(client: openai.AsyncOpenAI, target: ResolvedTarget) -> TargetInfo:
-    """Fail fast, naming the URL and HTTP error, when the target is unreachable or lacks the model."""
-    url = f"{target.base_url}/models"
-    try:
-        page = await client.models.list()
-    except openai.APIConnectionError as exc:
-        cause = exc.__cause__ or exc
-        raise EvalError(
-            f"target {target.spec}: {url} is unreachable: {type(cause).__name__}: {cause}"
-        ) from None
-    except openai.NotFoundError:
-        return TargetInfo.from_entry(target, None)  # some APIs have no /models; the first call will tell
-    except openai.APIStatusError as exc:
-        hint = f"; check {target.api_key_env}" if exc.status_code in (401, 403) and target.api_key_env else ""
-        raise EvalError(
-            f"target {target.spec}: GET {url} answered HTTP {exc.status_code}: {exc.message}{hint}"
-        ) from None
-    entries = {m.id: m.model_dump() for m in page.data}
-    if target.self_hosted and target.model not in entries:
-        raise EvalError(
-            f"target {target.spec}: model {target.model!r} is not served at {url}; "
-            f"it serves {sorted(entries)}"
-        )
-    entry = dict(entries.get(target.model) or {})
-    revision, model_version = endpoint_revision(target)
-    if revision:
-        entry["revision"] = revision
-    if model_version:
-        entry["model_version"] = model_version
-    return TargetInfo.from_entry(target, entry)
-
-
-async def _stream_once(
-    client: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]], params: dict[str, Any]
-) -> tuple[ModelOutput, dict[str, Any]]:
-    started_ns = time.time_ns()
-    t0 = time.perf_counter()
-    first: float | None = None
-    first_chunk: float | None = None
-    parts: list[str] = []
-    calls: dict[int, dict[str, str]] = {}
-    usage = None
-    finish = None
-    stream = await client.chat.completions.create(  # type: ignore[call-overload]
-        model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params
-    )
-    async for chunk in stream:
-        now = time.perf_counter()
-        first_chunk = first_chunk or now
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            d = choice.delta
-            if d.content:
-                first = first or now
-                parts.append(d.content)
-            for tc in d.tool_calls or []:
-                first = first or now
-                acc = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
-                acc["id"] = tc.id or acc["id"]
-                if tc.function is not None:
-                    acc["name"] += tc.function.name or ""
-                    acc["arguments"] += tc.function.arguments or ""
-            finish = choice.finish_reason or finish
-    end = time.perf_counter()
-    out = ModelOutput(text="".join(parts), tool_calls=[calls[i] for i in sorted(calls)])
-    ttft = (first or first_chunk or end) - t0
-    meta = {
-        "latency_s": end - t0,
-        "ttft_s": ttft,
-        "tokens_in": usage.prompt_tokens if usage else None,
-        "tokens_out": usage.completion_tokens if usage else None,
-        "finish_reason": finish,
-        "started_ns": started_ns,
-    }
-    return out, meta
-
-
-async def call_with_retries(
-    client: openai.AsyncOpenAI,
-    model: str,
-    messages: list[dict[str, str]],
-    params: dict[str, Any],
-    max_retries: int,
-    counts: Counter[str],
-) -> tuple[ModelOutput, dict[str, Any], int]:
-    """One request; 429, 5xx and timeouts are retried up to `max_retries` times with backoff, and counted."""
-    retries = 0
-    while True:
-        try:
-            out, meta = await _stream_once(client, model, messages, params)
-            return out, meta, retries
-        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
-            cause, err = "timeout", f"timeout after {type(exc).__name__}"
-            delay = 0.5 * 2**retries
-        except openai.APIStatusError as exc:
-            if exc.status_code not in RETRY_STATUS:
-                raise _Failure(f"HTTP {exc.status_code}: {exc.message}", retries) from None
-            cause, err = (
-                ("429" if exc.status_code == 429 else "5xx"),
-                f"HTTP {exc.status_code}: {exc.message}",
-            )
-            retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
-            try:
-                delay = min(float(retry_after), 30.0) if retry_after else 0.5 * 2**retries
-            except ValueError:
-                delay = 0.5 * 2**retries
-        except (openai.APIConnectionError, httpx2.TransportError) as exc:
-            raise _Failure(f"connection error: {exc.__cause__ or exc}", retries) from None
-        except openai.APIError as exc:  # an error event inside the stream
-            raise _Failure(f"API error: {exc.message}", retries) from None
-        if retries >= max_retries:
-            raise _Failure(f"{err} (gave up after {retries} retries)", retries)
-        retries += 1
-        counts[cause] += 1
-        await asyncio.sleep(delay)
-
-
-def request_params(gen: GenerationParams, suite_prompt: Any) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "max_tokens": gen.max_tokens,
-    }
-    if gen.seed is not None:
-        params["seed"] = gen.seed
-    if gen.stop:
-        params["stop"] = gen.stop
-    if suite_prompt.tools:
-        params["tools"] = suite_prompt.tools
-        if suite_prompt.tool_choice:
-            params["tool_choice"] = suite_prompt.tool_choice
-    return params
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -284,7 +158,7 @@ async def _warm_up(
 
     async def one(ex: Example) -> None:
         with contextlib.suppress(Exception):
-            await _stream_once(client, target.model, ex.messages, params)
+            await stream_once(client, target.model, ex.messages, params)
 
     await asyncio.gather(*(one(ex) for ex in examples))
 
@@ -293,7 +167,7 @@ async def _run_examples(
     client: openai.AsyncOpenAI,
     target: ResolvedTarget,
     examples: list[Example],
-    params: dict[str, Any],
+    plan: RequestPlan,
     gen: GenerationParams,
     concurrency: int,
     counts: Counter[str],
@@ -308,7 +182,7 @@ async def _run_examples(
         async with sem:
             try:
                 out, meta, retries = await call_with_retries(
-                    client, target.model, ex.messages, params, gen.max_retries, counts
+                    client, target.model, ex.messages, plan, gen.max_retries, counts
                 )
                 rec = ExampleRecord(
                     index=ex.index,
@@ -320,8 +194,15 @@ async def _run_examples(
                     **meta,
                 )
                 outputs[i] = out
-            except _Failure as exc:
-                rec = ExampleRecord(index=ex.index, id=ex.id, ok=False, error=str(exc), retries=exc.retries)
+            except Failure as exc:
+                rec = ExampleRecord(
+                    index=ex.index,
+                    id=ex.id,
+                    ok=False,
+                    error=str(exc),
+                    error_class=exc.error_class,
+                    retries=exc.retries,
+                )
             records[i] = rec
             tick()
 
@@ -347,7 +228,7 @@ async def _judge(
     sem = asyncio.Semaphore(concurrency)
     scores: list[float | None] = [None] * len(records)
     notes = [""] * len(records)
-    params = {"temperature": 0.0, "max_tokens": 128}
+    plan = shape_request(judge, {"temperature": 0.0, "max_tokens": 128}, 128)
 
     async def one(i: int, ex: Example, rec: ExampleRecord, tick: Any) -> None:
         if not rec.ok:
@@ -358,12 +239,12 @@ async def _judge(
         async with sem:
             try:
                 out, _, _ = await call_with_retries(
-                    client, judge.model, judge_messages(spec, question, rec.output, ref), params, 2, counts
+                    client, judge.model, judge_messages(spec, question, rec.output, ref), plan, 2, counts
                 )
                 scores[i], notes[i] = parse_judge(out.text, spec.scale)
                 if scores[i] is None:
                     notes[i] = f"judge gave no score 1-{spec.scale}: {notes[i]}"
-            except _Failure as exc:
+            except Failure as exc:
                 notes[i] = f"judge failed: {exc}"
         tick()
 
@@ -386,6 +267,7 @@ def compute_stats(
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     tin = [r.tokens_in for r in ok if r.tokens_in is not None]
     tout = [r.tokens_out for r in ok if r.tokens_out is not None]
+    treason = [r.tokens_reasoning for r in ok if r.tokens_reasoning is not None]
     return RunStats(
         n=len(records),
         n_ok=len(ok),
@@ -402,6 +284,8 @@ def compute_stats(
         tokens_out_mean=float(np.mean(tout)) if tout else None,
         tokens_in_total=int(sum(tin)),
         tokens_out_total=int(sum(tout)),
+        tokens_reasoning_total=int(sum(treason)),
+        n_no_usage=sum(1 for r in ok if r.tokens_in is None),
     )
 
 
@@ -427,14 +311,14 @@ async def run_suite_async(
     try:
         info = await preflight(client, target)
         counts: Counter[str] = Counter()
-        params = request_params(suite.generation, suite.prompt)
+        plan = plan_for(target, suite.generation, suite.prompt)
         if target.self_hosted:  # a frontier is not warmed: every request is billed
-            await _warm_up(client, target, loaded.examples[:conc], params)
+            await _warm_up(client, target, loaded.examples[:conc], plan.kwargs)
         records, outputs, wall = await _run_examples(
             client,
             target,
             loaded.examples,
-            params,
+            plan,
             suite.generation,
             conc,
             counts,
@@ -461,9 +345,13 @@ async def run_suite_async(
         target=target,
         info=info,
         records=records,
-        stats=compute_stats(records, wall, conc, counts),
+        stats=compute_stats(records, wall, conc, counts).model_copy(
+            update={"rate_limit_wait_s": plan.limiter.waited_s}
+        ),
         generation=suite.generation,
-        request_params=params,
+        request_params=plan.kwargs,
+        request_rules=plan.rules_report(),
+        max_error_rate=suite.thresholds.max_error_rate,
     )
     result._columns = columns
     return result

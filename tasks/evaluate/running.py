@@ -57,6 +57,9 @@ def evaluate_target(
             n = log_genai_assessments(result, loaded)
             mlflow.log_metric("genai_assessment_s", time.perf_counter() - t0)
             mlflow.set_tag("llmhost.genai_traces", str(n))
+    if result.failed:
+        # After the `with`: ending a nested run inside it would end its parent too.
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
     return result, run.info.run_id
 
 

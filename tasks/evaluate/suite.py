@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from tasks.core.errors import ConfigError, EvalError
 from tasks.core.inputs import read_jsonl
 from tasks.core.settings import PROJECT_ROOT
+from tasks.evaluate.frontier_rules import ReasoningEffort
 from tasks.evaluate.metric_specs import METRIC_CLASSES, METRIC_KINDS, MetricSpec, StrictModel, ToolCall
 
 SUITES_DIR = PROJECT_ROOT / "eval_suites"
@@ -76,6 +77,9 @@ class GenerationParams(StrictModel):
     max_retries: int = Field(
         default=2, ge=0, le=10, description="Retries of one request on 429, 5xx or timeout."
     )
+    reasoning_effort: ReasoningEffort | None = Field(
+        default=None, description="Sent to reasoning models only (a frontiers.yaml entry's own setting wins)."
+    )
 
 
 class Thresholds(StrictModel):
@@ -99,6 +103,12 @@ class Thresholds(StrictModel):
     max_latency_p95_s: float | None = Field(default=None, gt=0, description="Absolute p95 latency limit.")
     max_cost_ratio: float | None = Field(
         default=1.0, gt=0, description="Candidate cost per 1k requests / baseline's must not exceed this."
+    )
+    max_error_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Share of examples that may fail (no answer) before the run itself counts as failed.",
     )
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core.errors import AccessError, EvalError
 from tasks.core.settings import get_settings
+from tasks.evaluate.frontier_rules import Dialect, Provider, ReasoningEffort, RuleEntry
 from tasks.evaluate.suite import SUITES_DIR, SuiteError
 
 FRONTIERS_FILE = SUITES_DIR / "frontiers.yaml"
@@ -44,6 +45,16 @@ class FrontierEntry(BaseModel):
     price_out_per_1m: float = Field(ge=0, description="USD per 1M output tokens.")
     prices_as_of: date = Field(description="Date the prices were read from the pricing page.")
     pricing_url: str | None = None
+    provider: Provider | None = Field(default=None, description="Dialect; default: from base_url's host.")
+    reasoning: bool | None = Field(
+        default=None, description="A reasoning model; default: by name (o1, o3, o4, gpt-5 and later)."
+    )
+    reasoning_effort: ReasoningEffort | None = Field(default=None, description="Sent to a reasoning model.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the suite's request params; null leaves one out."
+    )
+    rpm: int | None = Field(default=None, gt=0, description="Client-side limit: requests per minute.")
+    tpm: int | None = Field(default=None, gt=0, description="Client-side limit: tokens per minute.")
 
 
 class Pricing(BaseModel):
@@ -64,6 +75,10 @@ class ResolvedTarget(BaseModel):
         default=None, description="Env var holding the key; None sends a dummy key."
     )
     pricing: Pricing | None = None
+    rules: RuleEntry | None = Field(default=None, description="A frontier's request rules (frontiers.yaml).")
+    dialects: dict[str, Dialect] = Field(default_factory=dict, description="The catalog's dialects.")
+    rpm: int | None = None
+    tpm: int | None = None
 
     @property
     def self_hosted(self) -> bool:
@@ -96,29 +111,41 @@ class ResolvedTarget(BaseModel):
         return value
 
 
-def _read_catalog(path: Path) -> dict[str, FrontierEntry]:
+def _read_section(path: Path, section: str, model: type[BaseModel]) -> dict[str, Any]:
     raw = yaml.safe_load(path.read_text()) or {}
-    entries = raw.get("frontiers", {}) if isinstance(raw, dict) else {}
+    entries = raw.get(section, {}) if isinstance(raw, dict) else {}
     out = {}
-    for name, body in entries.items():
+    for name, body in (entries or {}).items():
         try:
-            out[str(name)] = FrontierEntry.model_validate(body)
+            out[str(name)] = model.model_validate(body)
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(x) for x in err["loc"])
             raise SuiteError(
-                f"frontiers.{name}.{field}", err.get("input"), err["msg"], source=str(path)
+                f"{section}.{name}.{field}", err.get("input"), err["msg"], source=str(path)
             ) from None
     return out
+
+
+def _catalog_files(extra: Path | None) -> list[Path]:
+    paths = (FRONTIERS_FILE, get_settings().home_abs / "frontiers.yaml", extra)
+    return [Path(p) for p in paths if p is not None and Path(p).is_file()]
 
 
 def load_frontiers(extra: Path | None = None) -> dict[str, FrontierEntry]:
     """Shipped catalog, then $LLMHOST_HOME/frontiers.yaml, then `extra`; later files win per entry."""
     catalog: dict[str, FrontierEntry] = {}
-    for path in (FRONTIERS_FILE, get_settings().home_abs / "frontiers.yaml", extra):
-        if path is not None and Path(path).is_file():
-            catalog.update(_read_catalog(Path(path)))
+    for path in _catalog_files(extra):
+        catalog.update(_read_section(path, "frontiers", FrontierEntry))
     return catalog
+
+
+def load_dialects(extra: Path | None = None) -> dict[str, Dialect]:
+    """The request rules of each provider, merged like the entries (a user file may correct one)."""
+    dialects: dict[str, Dialect] = {}
+    for path in _catalog_files(extra):
+        dialects.update(_read_section(path, "dialects", Dialect))
+    return dialects
 
 
 def resolve_target(spec: str, *, frontiers_file: Path | None = None) -> ResolvedTarget:
@@ -152,6 +179,12 @@ def resolve_target(spec: str, *, frontiers_file: Path | None = None) -> Resolved
             pricing=Pricing(
                 **e.model_dump(include={"price_in_per_1m", "price_out_per_1m", "prices_as_of", "pricing_url"})
             ),
+            rules=RuleEntry(
+                **e.model_dump(include={"base_url", "model", "provider", "reasoning", "reasoning_effort", "params"})
+            ),
+            dialects=load_dialects(frontiers_file),
+            rpm=e.rpm,
+            tpm=e.tpm,
         )
     if kind == "url" and "#" in rest:
         base, _, model = rest.rpartition("#")
