@@ -1,11 +1,14 @@
-"""Time to make a new LoRA adapter callable: hot-load into a running vLLM vs restarting the replica with it.
+"""Promotion of a hot-loaded adapter: route switch vs blue/green restart, measured side by side in one run.
 
-Both paths end the same way: the first successful chat completion against the adapter's name. One run:
-register the demo base model, fine-tune it (or take --version of an adapter already registered), start one
-LoRA-enabled replica, hot-load, then restart the replica with the adapter in --lora-modules. Optionally
-(--eval) scores base and tuned on the held-out demo suites through the evaluation runner.
+One run, in a scratch state dir unless LLMHOST_HOME is set: register the demo base, fine-tune it (or take
+--version of an adapter already registered), deploy deployments/demo.yaml on the base, hot-load the adapter into the
+endpoint (what the lifecycle does to evaluate it), then
+  1. promote it: the route switch (`tasks.promote.promote`; a new revision on the running replica), and
+  2. deploy the very revision it produced again with force: the blue/green restart promotion used to cost
+     (start a replica with --lora-modules, smoke test it, switch, drain the old one).
+Each time ends at the first chat completion answered under the endpoint's served name by a live replica.
 
-    .venv/bin/python benchmarks/adapter_redeploy.py [--max-steps 500] [--eval] [--json out.json]
+    .venv/bin/python benchmarks/adapter_redeploy.py [--max-steps 100] [--version models:/demo/2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,51 +27,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def first_completion(base_url: str, model: str, deadline_s: float = 120.0) -> float:
-    """Seconds until `model` answers a chat completion on `base_url` (polling while it is not ready)."""
+def first_completion(endpoint: str, deadline_s: float = 120.0) -> float:
+    """Seconds until the endpoint's live revision answers under its served name (polling until it does)."""
     import openai
 
-    from demo.data import ROUTING_SYSTEM_PROMPT
+    from tasks import store
 
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
     start = time.monotonic()
     while True:
+        rev = next(r for r in store.list_revisions(endpoint) if r.id == store.get_endpoint(endpoint).live_revision_id)
+        rows = [r for r in store.list_replicas(endpoint) if r.state == "up"]
         try:
-            client.chat.completions.create(
-                model=model,
-                max_tokens=4,
-                temperature=0,
-                messages=[
-                    {"role": "system", "content": ROUTING_SYSTEM_PROMPT},
-                    {"role": "user", "content": "hey team , something is off with my invoice ."},
-                ],
-            )
+            client = openai.OpenAI(base_url=rows[0].base_url, api_key="unused", max_retries=0, timeout=30)
+            client.chat.completions.create(model=rev.served_model_name, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "my invoice is wrong ."}])
             return time.monotonic() - start
-        except (openai.NotFoundError, openai.APIConnectionError):
+        except (openai.NotFoundError, openai.APIConnectionError, IndexError):
             if time.monotonic() - start > deadline_s:
                 raise
             time.sleep(0.05)
 
 
-def scores(base_url: str, models: list[str]) -> dict[str, dict[str, float]]:
-    from tasks.evaluate.runner import run_suite
-    from tasks.evaluate.suite import load
-
-    out: dict[str, dict[str, float]] = {}
-    for suite, metric in (("demo_routing", "exact_match"), ("demo_tools", "tool_call")):
-        loaded = load(suite)
-        for model in models:
-            result = run_suite(loaded, f"url:{base_url}#{model}", progress=False, concurrency=4)
-            vals = [r.scores[metric] for r in result.records if r.scores.get(metric) is not None]
-            out.setdefault(model, {})[f"{suite}.{metric}"] = round(sum(vals) / len(vals), 3) if vals else 0.0
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--version", help="Registered adapter version (models:/NAME/V); skips fine-tuning.")
-    ap.add_argument("--max-steps", type=int, default=None, help="Override demo/finetune.yaml's steps.")
-    ap.add_argument("--eval", action="store_true", help="Score base vs tuned on the held-out demo suites.")
+    ap.add_argument("--version", help="Registered adapter version (models:/NAME/V) of `demo`; skips fine-tuning.")
+    ap.add_argument("--max-steps", type=int, default=100, help="Fine-tune steps (the time measured does not "
+                    "depend on them).")
     ap.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = ap.parse_args()
     if not args.version:
@@ -77,94 +61,60 @@ def main() -> int:
 
     from demo.build import build_demo_model
     from tasks.core.settings import PROJECT_ROOT
-    from tasks.deploy.adapters import hot_load, restart_with_adapters
-    from tasks.deploy.resolve import resolve_adapter
+    from tasks.core.tracking import mlflow_client
+    from tasks.deploy import deploy, load_spec, stop_endpoint
+    from tasks.deploy.adapters import load_into_endpoint
+    from tasks.deploy.promoted import pinned_to
     from tasks.finetune import DataSource, finetune, load_config
+    from tasks.promote import current_aliases, promote
     from tasks.register import register_model
-    from tasks.serving.base import VllmArgs
-    from tasks.serving.local import LocalTarget
 
+    spec = load_spec(ROOT / "deployments" / "demo.yaml").model_copy(update={"name": "bench-promote"})
     numbers: dict[str, object] = {}
     if args.version:
         ref = args.version
     else:
-        built = build_demo_model(
-            Path(os.environ.get("LLMHOST_DEMO_CACHE", PROJECT_ROOT / ".llmhost" / "demo"))
-        )
+        built = build_demo_model(Path(os.environ.get("LLMHOST_DEMO_CACHE", PROJECT_ROOT / ".llmhost" / "demo")))
         base = register_model(f"path:{built.model_dir}", "demo")
+        mlflow_client().set_registered_model_alias("demo", "champion", base.version)
         cfg = load_config(ROOT / "demo" / "finetune.yaml")
-        cfg = cfg.model_copy(
-            update={
-                "base_model": f"models:/demo/{base.version}",
-                "train": [DataSource(path=built.data_dir / s.path.name, repeat=s.repeat) for s in cfg.train],
-                **({"max_steps": args.max_steps} if args.max_steps else {}),
-            }
-        )
-        res = finetune(cfg)
+        cfg = cfg.model_copy(update={
+            "base_model": f"models:/demo/{base.version}", "max_steps": args.max_steps, "progress": False,
+            "train": [DataSource(path=built.data_dir / s.path.name, repeat=s.repeat) for s in cfg.train]})
+        res = finetune(cfg, log=lambda _m: None)
         ref = f"models:/{res.registered_name}/{res.registered_version}"
-        numbers.update(
-            finetune_steps=res.steps,
-            finetune_seconds=res.train_seconds,
-            eval_loss_before=res.eval_loss_before,
-            eval_loss_after=res.eval_loss_after,
-        )
-    adapter = resolve_adapter(ref)
-    from tasks.register import resolve_model_ref
-
-    base_dir = resolve_model_ref(f"models:/{adapter.name}/{adapter.base_version}").local_dir
-    vargs = VllmArgs(
-        model=str(base_dir),
-        served_model_name="base",
-        dtype="float32",
-        max_model_len=512,
-        enforce_eager=True,
-        max_num_seqs=16,
-        enable_lora=True,
-        max_lora_rank=max(16, adapter.lora_rank),
-        enable_auto_tool_choice=True,
-        tool_call_parser="hermes",
-    )
-    target = LocalTarget()
-    replica = target.start(vargs, name="bench-lora")
+    name, version = ref.removeprefix("models:/").split("/")
+    champion = current_aliases(name)["champion"]
     try:
-        numbers["replica_startup_s"] = replica.startup_seconds
-        first_completion(replica.base_url, "base")
+        first = deploy(pinned_to(spec, f"models:/{name}/{champion}"), actor="bench")
+        assert first.outcome in ("live", "unchanged"), first.message
+        numbers["replica_startup_s"] = first.replicas[0].startup_seconds if first.replicas else None
+        numbers["hot_load_s"] = load_into_endpoint(spec.name, ref, name=f"v{version}").seconds
+
         t0 = time.monotonic()
-        change = hot_load(replica, adapter, name="tuned")
-        first_completion(replica.base_url, "tuned")
-        numbers["hot_load_api_s"] = change.seconds
-        numbers["hot_load_callable_s"] = round(time.monotonic() - t0, 3)
-        if args.eval:
-            numbers["scores"] = scores(replica.base_url, ["base", "tuned"])
+        rec = promote(name, version, spec, actor="bench")
+        callable_s = first_completion(spec.name)
+        assert rec.serving is not None and rec.serving.method == "route-switch", rec.serving
+        numbers["route_switch_s"] = rec.serving.seconds
+        numbers["route_switch_callable_s"] = round(time.monotonic() - t0, 3)
+        numbers["route_switch_first_answer_s"] = round(callable_s, 3)
+
         t0 = time.monotonic()
-        replica, healthy_s = restart_with_adapters(
-            target, replica, vargs, {"tuned": adapter.adapter_dir}, name="bench-lora-restart"
-        )
-        first_completion(replica.base_url, "tuned")
-        numbers["restart_healthy_s"] = round(healthy_s, 2)
-        numbers["restart_callable_s"] = round(time.monotonic() - t0, 3)
+        again = deploy(pinned_to(spec, ref), actor="bench", force=True)
+        assert again.outcome == "live", again.message
+        first_completion(spec.name)
+        numbers["bluegreen_s"] = round(time.monotonic() - t0, 3)
+        numbers["bluegreen_replica_startup_s"] = again.replicas[0].startup_seconds
     finally:
-        target.stop(replica)
+        stop_endpoint(spec.name, actor="bench")
     numbers["adapter"] = ref
-    numbers["speedup"] = round(
-        float(numbers["restart_callable_s"]) / float(numbers["hot_load_callable_s"]), 1
-    )
-    print(f"adapter {ref}")
-    print(
-        f"hot-load: {numbers['hot_load_callable_s']:.3f} s to callable "
-        f"(API call {numbers['hot_load_api_s']:.3f} s)"
-    )
-    print(
-        f"restart:  {numbers['restart_callable_s']:.1f} s to callable "
-        f"(healthy after {numbers['restart_healthy_s']} s)"
-    )
-    print(
-        f"hot-load is {numbers['speedup']}x faster; target < 5 s: "
-        f"{'met' if float(numbers['hot_load_callable_s']) < 5 else 'MISSED'}"
-    )
-    if "scores" in numbers:
-        for model, sc in numbers["scores"].items():  # type: ignore[union-attr]
-            print(f"{model:>6}: " + ", ".join(f"{k} {v:.3f}" for k, v in sc.items()))
+    numbers["ratio"] = round(float(numbers["bluegreen_s"]) / float(numbers["route_switch_callable_s"]), 1)
+    print(f"adapter {ref} (hot-loaded in {numbers['hot_load_s']} s to be evaluated)")
+    print(f"route switch:     {numbers['route_switch_callable_s']:.3f} s from promote() to the first answer "
+          f"(switch itself {numbers['route_switch_s']:.3f} s, no process started)")
+    print(f"blue/green:       {numbers['bluegreen_s']:.1f} s for the same revision restarted "
+          f"(replica healthy after {numbers['bluegreen_replica_startup_s']} s)")
+    print(f"route switch is {numbers['ratio']}x faster")
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2, default=str))
     return 0

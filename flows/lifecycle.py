@@ -26,7 +26,7 @@ from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
 from tasks.evaluate.compare import Comparison, Verdict
 from tasks.finetune import trainable_base
-from tasks.promote import decide
+from tasks.promote import decide, mark_challenger
 from tasks.register import resolve_model_ref
 
 __all__ = ["LifecycleParams", "LifecycleSummary", "lifecycle"]
@@ -93,6 +93,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         ft = timed("fine-tune", finetune_cached, ft_cfg, quiet=True)
         support.attach_runs(parent, [ft.run_id])
         summary.candidate = ft.registered_version
+        mark_challenger(model, str(ft.registered_version), actor="lifecycle")  # under test from here on
         adapter = f"v{ft.registered_version}"
         timed("redeploy", load_adapter_task, spec.name, f"models:/{model}/{ft.registered_version}", adapter)
 

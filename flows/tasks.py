@@ -25,7 +25,7 @@ from tasks.evaluate.report import render_run_markdown
 from tasks.evaluate.running import compare_targets, evaluate_target
 from tasks.evaluate.suite import load
 from tasks.finetune import FinetuneConfig, FinetuneResult, check_contamination, finetune, load_training_data
-from tasks.promote import PromotionRecord, move_aliases
+from tasks.promote import PromotionRecord, promote
 from tasks.register import RegisteredVersion, register_model
 from tasks.size import MemoryEstimate, SizingRequest, size_model
 
@@ -190,9 +190,11 @@ finetune_cached: Task[..., FinetuneResult] = finetune_task.with_options(
 # ---------------------------------------------------------------------------------------------- promote
 
 
-@step_task("promote")  # moving aliases twice would make the champion its own challenger: no retries
+@step_task("promote")  # a second try after the aliases moved would be refused as "already the champion"
 def promote_task(model: str, version: str, spec: EndpointSpec, evidence: dict[str, Any]) -> PromotionRecord:
-    """Moves champion/challenger, then redeploys the spec (models:/NAME@champion) blue/green."""
-    record = move_aliases(model, version, actor="lifecycle", evidence=evidence)
-    _checked(deploy(spec))
+    """Serves the version (a route switch to the hot-loaded adapter, else blue/green), then moves the aliases."""
+    record = promote(model, version, spec, actor="lifecycle", evidence=evidence)
+    if record.serving is not None:
+        print(f"promoted {model}/{version} on {spec.name}: {record.serving.method} in {record.serving.seconds:.1f}s"
+              + (f" ({record.serving.note})" if record.serving.note else ""))
     return record

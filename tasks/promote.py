@@ -1,7 +1,8 @@
-"""Promotion: decide with a policy on paired eval evidence, move MLflow aliases, switch traffic, audit.
+"""Promotion: decide with a policy on paired eval evidence, change what serves, then move MLflow aliases; audited.
 
-`champion` is the version an endpoint serves; `challenger` keeps the one it replaced, so rollback is one
-alias move plus the same blue/green switch.
+The aliases follow MLflow's convention: `champion` is the version that serves, `challenger` the candidate under
+test, `previous-champion` the champion a promotion replaced (what rollback restores). Serving changes first and
+the alias moves only once it succeeded, so the registry never names a champion nothing serves.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydantic import BaseModel, Field
 
 from tasks.core.errors import ConfigError, PromotionError
 from tasks.core.tracking import mlflow_client
+from tasks.deploy.promoted import ServingChange, serve_version
+from tasks.deploy.spec import EndpointSpec
 from tasks.evaluate.compare import Comparison, MetricComparison
 from tasks.store import audit
 
@@ -104,6 +107,9 @@ def decide(cmp: Comparison, policy: PromotionPolicy) -> Decision:
     return Decision(promote=promote, summary=summary, checks=checks)
 
 
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+
+
 class PromotionRecord(BaseModel):
     model: str
     champion: str
@@ -112,6 +118,9 @@ class PromotionRecord(BaseModel):
     at: datetime
     endpoint: str | None = None
     revision: str | None = None
+    serving: ServingChange | None = Field(default=None, description="How the endpoint came to serve it.")
+    merge_log: str | None = Field(default=None, description=(
+        "serve_promoted: merged: the log of the background merge-and-redeploy that was started."))
 
 
 def current_aliases(name: str) -> dict[str, str]:
@@ -119,43 +128,92 @@ def current_aliases(name: str) -> dict[str, str]:
     return {k: str(v) for k, v in (rm.aliases or {}).items()}
 
 
-def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
-                 evidence: dict[str, Any] | None = None) -> PromotionRecord:
-    """champion -> version, challenger -> the previous champion; one audit entry links the evidence."""
-    client = mlflow_client()
+def _check_version(name: str, version: str) -> None:
     try:
-        client.get_model_version(name, str(version))
+        mlflow_client().get_model_version(name, str(version))
     except Exception as exc:
         raise ConfigError(
             "version", f"{name}/{version}", f"register it first; see `llmhost models show {name}`"
         ) from exc
+
+
+def mark_challenger(name: str, version: str, *, actor: str) -> None:
+    """`challenger` -> the candidate now under test; audited."""
+    _check_version(name, version)
+    before = current_aliases(name).get(CHALLENGER)
+    if before == str(version):
+        return
+    mlflow_client().set_registered_model_alias(name, CHALLENGER, str(version))
+    audit.record(actor, "alias.challenger", f"model:{name}", before={CHALLENGER: before},
+                 after={CHALLENGER: str(version)})
+
+
+def move_aliases(name: str, version: str, *, actor: str, forced: bool = False,
+                 evidence: dict[str, Any] | None = None) -> PromotionRecord:
+    """champion -> version, previous-champion -> the replaced champion; one audit entry links the evidence.
+
+    A `challenger` alias on the promoted version goes: it is no longer under test.
+    """
+    _check_version(name, version)
+    client = mlflow_client()
     before = current_aliases(name)
-    previous = before.get("champion")
+    previous = before.get(CHAMPION)
     if previous == str(version):
         raise PromotionError(f"{name}/{version} is already the champion: nothing to promote")
-    client.set_registered_model_alias(name, "champion", str(version))
+    client.set_registered_model_alias(name, CHAMPION, str(version))
     if previous is not None:
-        client.set_registered_model_alias(name, "challenger", previous)
+        client.set_registered_model_alias(name, PREVIOUS, previous)
+    if before.get(CHALLENGER) == str(version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    keys = (CHAMPION, CHALLENGER, PREVIOUS)
     audit.record(actor, "promote.forced" if forced else "promote", f"model:{name}",
-                 before={"champion": previous, "challenger": before.get("challenger")},
-                 after={"champion": str(version), "challenger": previous},
+                 before={k: before.get(k) for k in keys}, after={k: v for k, v in current_aliases(name).items()
+                                                                  if k in keys},
                  **(evidence or {}))
     return PromotionRecord(model=name, champion=str(version), previous=previous, forced=forced,
                            at=datetime.now(UTC))
 
 
+def promote(name: str, version: str, spec: EndpointSpec, *, actor: str, forced: bool = False,
+            evidence: dict[str, Any] | None = None) -> PromotionRecord:
+    """Serve `version` on the spec's endpoint, then move the aliases: one audited step, in that order.
+
+    An adapter the live replicas already run (the lifecycle hot-loads the candidate to evaluate it) is served by
+    a route switch with no restart; anything else by a blue/green deploy. If serving fails, the aliases stay.
+    With `serve_promoted: merged`, merged weights then replace an adapter in the background
+    (`tasks.promote_merged`).
+    """
+    _check_version(name, version)
+    if current_aliases(name).get(CHAMPION) == str(version):
+        raise PromotionError(f"{name}/{version} is already the champion: nothing to promote")
+    serving = serve_version(spec, f"models:/{name}/{version}", actor=actor)
+    links = {**(evidence or {}), "endpoint": spec.name, "revision": serving.revision,
+             "serving": serving.method, "serving_seconds": serving.seconds, "restarted": serving.restarted}
+    record = move_aliases(name, version, actor=actor, forced=forced, evidence=links)
+    record = record.model_copy(update={"endpoint": spec.name, "revision": serving.revision, "serving": serving})
+    if spec.serve_promoted == "merged" and _is_adapter(name, version):
+        from tasks.promote_merged import start_merged_rollout  # it imports this module
+
+        record.merge_log = start_merged_rollout(name, version, spec, actor=actor).log_path
+    return record
+
+
+def _is_adapter(name: str, version: str) -> bool:
+    return dict(mlflow_client().get_model_version(name, str(version)).tags).get("adapter") == "true"
+
+
 def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
-    """Restores the previous champion (the `challenger` alias) as champion."""
+    """Restores the previous champion (the `previous-champion` alias) as champion; the two swap."""
     before = current_aliases(name)
-    if "challenger" not in before:
-        raise PromotionError(f"{name} has no challenger alias: there is no previous champion to restore")
+    if PREVIOUS not in before:
+        raise PromotionError(f"{name} has no {PREVIOUS} alias: there is no previous champion to restore")
     client = mlflow_client()
-    client.set_registered_model_alias(name, "champion", before["challenger"])
-    if "champion" in before:
-        client.set_registered_model_alias(name, "challenger", before["champion"])
+    client.set_registered_model_alias(name, CHAMPION, before[PREVIOUS])
+    if CHAMPION in before:
+        client.set_registered_model_alias(name, PREVIOUS, before[CHAMPION])
     audit.record(actor, "rollback", f"model:{name}", before=before,
-                 after={"champion": before["challenger"], "challenger": before.get("champion")})
-    return PromotionRecord(model=name, champion=before["challenger"], previous=before.get("champion"),
+                 after={CHAMPION: before[PREVIOUS], PREVIOUS: before.get(CHAMPION)})
+    return PromotionRecord(model=name, champion=before[PREVIOUS], previous=before.get(CHAMPION),
                            forced=False, at=datetime.now(UTC))
 
 

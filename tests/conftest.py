@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -160,6 +161,7 @@ class LifecycleRun:
     aliases_after: dict[str, str]
     rerun_wall_s: float
     summary: Any
+    promote_links: dict[str, Any] | None  # the lifecycle's `promote` audit entry, if it promoted
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +173,7 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
     """
     from flows.lifecycle import LifecycleParams, lifecycle
     from tasks.promote import current_aliases
+    from tasks.store import audit
 
     with gateway_port_env(lifecycle_gateway_port):
         before = finetune_runs()
@@ -184,7 +187,9 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
         t0 = time.monotonic()
         summary = lifecycle(LifecycleParams())
         wall = time.monotonic() - t0
+        promoted = [e for e in audit.entries(action="promote") if e.subject == "model:demo"]
         # Read now: later modules register `demo` again and point its champion alias elsewhere.
         return LifecycleRun(failure=failure, runs_before=before, runs_after_failure=after_failure,
                             runs_after_rerun=finetune_runs(), champion_before=champion_before,
-                            aliases_after=current_aliases("demo"), rerun_wall_s=wall, summary=summary)
+                            aliases_after=current_aliases("demo"), rerun_wall_s=wall, summary=summary,
+                            promote_links=json.loads(promoted[-1].links) if summary.promoted and promoted else None)

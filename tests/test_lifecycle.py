@@ -53,9 +53,14 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: 
     LIFECYCLE["candidate"] = summary.candidate
     if summary.promoted:
         assert summary.tuned_score > summary.base_score, summary.text()
-        assert run.aliases_after == {"champion": summary.candidate, "challenger": run.champion_before}
+        assert run.aliases_after == {"champion": summary.candidate, "previous-champion": run.champion_before}
+        # The candidate was hot-loaded on the live replica for its eval: promotion switched the route, no restart.
+        assert run.promote_links is not None, "a promotion is audited"
+        assert run.promote_links["serving"] == "route-switch" and run.promote_links["restarted"] is False, (
+            run.promote_links)
     else:
-        assert run.aliases_after["champion"] == run.champion_before, summary.text()
+        assert run.aliases_after == {"champion": run.champion_before, "challenger": summary.candidate}, (
+            summary.text())
     assert "skipped the frontier" in summary.frontier or "no frontier" in summary.frontier
 
 

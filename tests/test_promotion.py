@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
@@ -113,21 +114,34 @@ def two_versions():
     return name, str(v1), str(v2)
 
 
-def test_promote_moves_champion_and_challenger_and_rollback_restores(two_versions):
-    from tasks.promote import current_aliases, move_aliases, rollback_aliases
+def test_promote_moves_champion_to_previous_champion_and_rollback_restores(two_versions):
+    from tasks.promote import current_aliases, mark_challenger, move_aliases, rollback_aliases
     from tasks.store import audit
 
     name, v1, v2 = two_versions
+    mark_challenger(name, v2, actor="alice")  # under test
+    assert current_aliases(name) == {"champion": v1, "challenger": v2}
     rec = move_aliases(name, v2, actor="alice", evidence={"eval_runs": ["run-a", "run-b"]})
     assert rec.previous == v1
-    assert current_aliases(name) == {"champion": v2, "challenger": v1}
+    # champion serves, previous-champion is what it replaced; the promoted version is no longer under test
+    assert current_aliases(name) == {"champion": v2, "previous-champion": v1}
     entry = audit.entries(action="promote")[-1]
     assert entry.actor == "alice" and "run-a" in entry.links
+    assert json.loads(entry.after) == {"champion": v2, "previous-champion": v1}
     with pytest.raises(PromotionError, match="already the champion"):
         move_aliases(name, v2, actor="alice")
     rollback_aliases(name, actor="bob")
-    assert current_aliases(name) == {"champion": v1, "challenger": v2}
+    assert current_aliases(name) == {"champion": v1, "previous-champion": v2}
+    assert [e.action for e in audit.entries(action="")][-2:] == ["promote", "rollback"]
     assert audit.verify().ok
+
+
+def test_rollback_without_a_previous_champion_is_refused(two_versions):
+    from tasks.promote import rollback_aliases
+
+    name, _, _ = two_versions
+    with pytest.raises(PromotionError, match="no previous-champion alias"):
+        rollback_aliases(name, actor="bob")
 
 
 def test_served_at_reads_the_route_and_its_promotion_evidence():

@@ -16,7 +16,7 @@ def _run_lifecycle(params):  # type: ignore[no-untyped-def]
 def register(app: typer.Typer) -> None:
     @app.command("lifecycle")
     def lifecycle_cmd(
-        source: str = typer.Option("demo", help="'demo', or a SOURCE: path:DIR | hf:ORG/NAME[@REV] | run:ID"),
+        source: str = typer.Option("demo", help="'demo', or a SOURCE: path:DIR | hf:ORG/NAME\\[@REV] | run:ID"),
         name: str = typer.Option("demo", "--name", help="Registered model name."),
         spec: str = typer.Option("deployments/demo.yaml", help="Endpoint spec YAML."),
         suite: str = typer.Option("demo_routing", help="Eval suite."),
@@ -74,21 +74,27 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(..., help="Registered model name."),
         version: str = typer.Argument(..., help="Version to make champion."),
         force: bool = typer.Option(False, "--force", help="Required: promote without the policy (audited)."),
-        spec: Path | None = typer.Option(None, help="Endpoint spec to redeploy (blue/green) after the move."),
+        spec: Path | None = typer.Option(
+            None, help="Endpoint spec to serve VERSION on first (a route switch when its adapter is already "
+            "loaded, else blue/green); the aliases move only once it serves."),
     ) -> None:
         """Make VERSION the champion by hand (audited as forced); the policy path runs in `lifecycle`."""
         from tasks.core.errors import ConfigError
-        from tasks.promote import move_aliases
+        from tasks.promote import move_aliases, promote
         from tasks.store.audit import default_actor
 
         if not force:
             raise ConfigError("--force", False, "manual promotion bypasses the policy; pass --force to confirm")
-        rec = move_aliases(name, version, actor=default_actor(), forced=True)
-        typer.echo(f"{name}: champion v{rec.champion} (was v{rec.previous}); challenger v{rec.previous}")
         if spec:
-            from tasks.deploy import deploy, load_spec
+            from tasks.deploy import load_spec
 
-            typer.echo(deploy(load_spec(spec)).message)
+            rec = promote(name, version, load_spec(spec), actor=default_actor(), forced=True)
+        else:
+            rec = move_aliases(name, version, actor=default_actor(), forced=True)
+        typer.echo(f"{name}: champion v{rec.champion}; previous-champion v{rec.previous}")
+        if rec.serving is not None:
+            typer.echo(f"{rec.endpoint}: serves it by {rec.serving.method} in {rec.serving.seconds}s "
+                       f"(revision {rec.revision})")
 
     data = typer.Typer(help="Datasets under the state dir; adding data emits llmhost.dataset.updated.")
     app.add_typer(data, name="data")

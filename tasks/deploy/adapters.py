@@ -164,7 +164,7 @@ def _revision_lora(rev: store.EndpointRevision) -> tuple[bool | None, int | None
     return bool(vllm.get("enable_lora") or vllm.get("lora_modules")), vllm.get("max_lora_rank")
 
 
-def _runtime_unsafe(rev: store.EndpointRevision) -> str:
+def runtime_unsafe(rev: store.EndpointRevision) -> str:
     """Why runtime (un)loading would leave replicas disagreeing, or "" when it is safe."""
     if ((rev.spec or {}).get("spec") or {}).get("target") == "ray":
         # One gateway row is a whole Serve application: a runtime call reaches one of its replicas, and the
@@ -225,7 +225,7 @@ def _load_into_endpoint(endpoint: str, version: str, *, name: str | None, allow_
     elif max_rank is not None and adapter.lora_rank > max_rank:
         reason = f"adapter rank {adapter.lora_rank} > the revision's --max-lora-rank {max_rank}"
     else:
-        reason = _runtime_unsafe(rev)
+        reason = runtime_unsafe(rev)
     started = time.monotonic()
     done: list[str] = []
     if not reason:
@@ -317,7 +317,7 @@ def _unload_from_endpoint(endpoint: str, version_or_name: str, *, allow_restart:
             )
     started = time.monotonic()
     try:
-        if why := _runtime_unsafe(rev):
+        if why := runtime_unsafe(rev):
             raise RuntimeLoraUnavailable(why)
         for r in reps:
             unload_on_replica(r.base_url, lora_name)

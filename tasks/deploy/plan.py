@@ -55,7 +55,10 @@ ARCH_TOOL_PARSERS: dict[str, str] = {
 REPLICA_ENV = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 # Revision fields that describe the endpoint rather than what runs: they never change a revision's identity.
-_COSMETIC = {"description", "usage_notes", "owner", "access"}
+# `fallback` is read from the endpoint's row by the gateway; the external-only fields are None here and are left
+# out so that self-hosted revisions keep the hashes they had before external endpoints existed.
+_COSMETIC = {"description", "usage_notes", "owner", "access", "serve_promoted", "fallback",
+             "frontier", "base_url", "api_key_env", "api_key_file"}
 
 
 class RevisionPlan(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from tasks import store
 from tasks.core.errors import ConfigError
@@ -58,26 +58,65 @@ class EndpointSpec(BaseModel):
     description: str | None = None
     usage_notes: str | None = None
     owner: str | None = None
-    model: str = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION")
-    target: Literal["local", "ray"] = "local"
+    # `target` comes before `model`, whose check depends on it (field order does not change revision hashes).
+    target: Literal["local", "ray", "external"] = Field(default="local", description=(
+        "local or ray: vLLM replicas; external: a hosted OpenAI-compatible API the gateway calls for you."))
+    model: str = Field(default="", validate_default=True, description=(
+        "models:/NAME@ALIAS or models:/NAME/VERSION; for target: external with base_url, the provider's model."))
     replicas: int = Field(default=1, ge=1, le=16)
     ray: RaySettings | None = Field(
         default=None, description="target: ray only: the cluster's dashboard URL, replica bounds and placement."
     )
+    frontier: str | None = Field(default=None, description=(
+        "target: external: an entry of eval_suites/frontiers.yaml (URL, model, key variable, prices, rules)."))
+    base_url: str | None = Field(default=None, pattern=r"^https?://", description=(
+        "target: external without a frontier: any OpenAI-compatible base URL (with `model`)."))
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "target: external: NAME of the env variable on the gateway host that holds the provider key."))
+    api_key_file: str | None = Field(default=None, description=(
+        "target: external: a file on the gateway host holding the provider key (instead of api_key_env)."))
+    fallback: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description=(
+        "local or ray: an external endpoint that answers while no replica is healthy. Off by default: the "
+        "request's data then leaves the network."))
     hardware: str = Field(default="auto", description="A tier name from the catalog, or auto.")
     concurrency: int = Field(default=4, ge=1, description="Expected concurrent sequences, for sizing.")
     vllm: SpecVllm = Field(default_factory=SpecVllm)
     tool_calling: Literal["auto", "off"] | ToolCallingExplicit = "auto"
     adapters: dict[str, str] = Field(default_factory=dict, description="Adapter name -> models:/ ref.")
+    serve_promoted: Literal["adapter", "merged"] = Field(default="adapter", description=(
+        "How a promoted LoRA adapter version is served. `adapter`: the route switches to the adapter already "
+        "loaded on the live replicas (no restart). `merged`: the same switch, then a background blue/green "
+        "deploy replaces the replicas with the adapter merged into its base (no LoRA cost)."))
     access: Access = Field(default_factory=Access)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
 
     @field_validator("model")
     @classmethod
-    def _model_ref(cls, v: str) -> str:
-        if not v.startswith("models:/"):
+    def _model_ref(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("target") != "external" and not v.startswith("models:/"):
             raise ValueError("use models:/NAME@ALIAS or models:/NAME/VERSION (register the model first)")
         return v
+
+    @model_validator(mode="after")
+    def _external_settings(self) -> EndpointSpec:
+        ext_fields = ("frontier", "base_url", "api_key_env", "api_key_file")
+        if self.target != "external":
+            if any(getattr(self, f) is not None for f in ext_fields):
+                raise ValueError(f"{', '.join(ext_fields)} are for target: external; set target: external, "
+                                 "or remove them")
+            return self
+        if (self.frontier is None) == (self.base_url is None):
+            raise ValueError("target: external needs exactly one of `frontier: NAME` (eval_suites/frontiers.yaml) "
+                             "or `base_url: URL` with `model: PROVIDER_MODEL`")
+        if self.base_url is not None and not self.model:
+            raise ValueError("target: external with base_url needs `model:` (the provider's model name)")
+        if self.base_url is not None and not (self.api_key_env or self.api_key_file):
+            raise ValueError("target: external with base_url needs api_key_env (a variable NAME) or api_key_file")
+        if self.fallback is not None:
+            raise ValueError("fallback is for self-hosted endpoints; an external endpoint has no replicas to lose")
+        if self.adapters or self.ray is not None:
+            raise ValueError("adapters and ray do not apply to target: external; remove them")
+        return self
 
     @model_validator(mode="after")
     def _target_settings(self) -> EndpointSpec:
