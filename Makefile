@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui screenshots clean-state ray-up ray-down
+.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -32,8 +32,14 @@ demo: env runtime
 demo-serve: env runtime
 	$(VENV)/bin/llmhost demo-serve --serve
 
+# The alerts (automations.yaml) are applied once ui.sh's Prefect server answers; ui.sh blocks until Ctrl-C.
 ui: env runtime
+	PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api $(VENV)/bin/python -m flows.alerts apply --wait 180 & \
 	bash scripts/ui.sh
+
+# The same, against the server in PREFECT_API_URL (LLMHOST_ALERT_WEBHOOK_URL: where the default webhook POSTs).
+alerts: env
+	$(VENV)/bin/python -m flows.alerts apply --wait 30
 
 test: env runtime
 	# Build the demo model once up front (skipped when its inputs are unchanged) so no test waits on it.

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         default=None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN)."
     )
     eval_concurrency: int = Field(default=8, gt=0, description="Concurrent requests of the eval runner.")
+    alert_webhook_url: str | None = Field(
+        default=None, description="Where the nightly-eval alerts POST (automations.yaml); unset: alerts go to an "
+        "existing `llmhost-alerts` notification block, else nowhere.",
+    )
 
     @property
     def home_abs(self) -> Path:
