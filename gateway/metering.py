@@ -39,6 +39,11 @@ class Metrics:
         self.ttft = Histogram("llmhost_gateway_time_to_first_token_seconds",
                               "Time to the first byte of the upstream answer.", ["endpoint", "status"],
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.fallback = Counter("llmhost_gateway_fallback_requests",
+                                "Requests answered by an endpoint's external fallback (their data left the network).",
+                                ["endpoint", "fallback", "status"], registry=r)
+        self.cost = Counter("llmhost_gateway_cost_usd", "API spend of external endpoints at the catalog's rates.",
+                            ["endpoint", "provider"], registry=r)
         self.replica_up = Gauge("llmhost_gateway_replica_up", "1 when the last health probe passed.",
                                 ["endpoint", "replica"], registry=r)
         # label lookups take a lock and a dict walk; keep the children per (endpoint, status)
@@ -84,6 +89,11 @@ class Meter:
         self.metrics.observe(row.get("endpoint") or "(none)", row["status_code"], row.get("prompt_tokens"),
                              row.get("completion_tokens"), row["latency_ms"] / 1000.0,
                              row["ttft_ms"] / 1000.0 if row.get("ttft_ms") is not None else None)
+        if row.get("fallback"):
+            self.metrics.fallback.labels(row.get("endpoint") or "(none)", row["fallback"],
+                                         str(row["status_code"])).inc()
+        if row.get("cost_usd"):
+            self.metrics.cost.labels(row.get("endpoint") or "(none)", row.get("provider") or "?").inc(row["cost_usd"])
         self._pending.append(row)
         if len(self._pending) >= self.batch_size:
             self._wake.set()

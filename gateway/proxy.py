@@ -12,20 +12,17 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
-import anyio.lowlevel
 import anyio.to_thread
 import httpx
 import orjson
 from sqlalchemy import Engine
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from gateway.auth import KeyCache
+from gateway.external import ExternalConfigs, kept_error_headers
 from gateway.metering import Meter, Metrics
 from gateway.protocol import (
     STREAMABLE,
@@ -33,12 +30,11 @@ from gateway.protocol import (
     ApiError,
     ModelCard,
     ModelList,
-    is_usage_only_chunk,
     split_model,
-    sse_error,
     usage_of,
 )
 from gateway.routing import ReplicaPool, probe_all
+from gateway.stream import StreamPassthrough
 from gateway.upstream import ConnectFailed, Upstream, UpstreamFailed, UpstreamResponse, UpstreamTimeout
 from tasks.core.settings import Settings, get_settings
 from tasks.store.keys import KeyInfo
@@ -73,6 +69,7 @@ class Gateway:
         self.pool = ReplicaPool()
         self.metrics = Metrics()
         self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s)
+        self.external = ExternalConfigs()
         self.client: httpx.AsyncClient | None = None
         self.upstream: Upstream
         self.epoch = -1
@@ -274,14 +271,27 @@ class Gateway:
                 # Metering needs the token counts; the extra chunk is stripped before it reaches the client.
                 opts["include_usage"] = True
                 payload["stream_options"] = opts
+        if route.external is not None:
+            return await self._external(route, kind, payload, row, t0, stream, client_wants_usage)
         body = orjson.dumps(payload)
-        replica, resp = await self._send(route, UPSTREAM_PATHS[kind], body)
+        try:
+            replica, resp = await self._send(route, UPSTREAM_PATHS[kind], body)
+        except ApiError as exc:
+            fallback = self._fallback_for(route, exc)
+            if fallback is None:
+                raise
+            row["fallback"] = fallback.name
+            return await self._external(fallback, kind, payload, row, t0, stream, client_wants_usage,
+                                        {"x-llmhost-fallback": fallback.name})
         row["replica_id"] = replica.id
         headers = {"x-llmhost-endpoint": route.name, "x-llmhost-revision": (route.revision_hash or "")[:12],
                    "x-llmhost-replica": replica.name}
         if stream and resp.status_code == 200:
             headers["content-type"] = resp.content_type or "text/event-stream; charset=utf-8"
-            return StreamPassthrough(self, resp, replica, row, t0, client_wants_usage, headers)
+            return StreamPassthrough(
+                self, resp, row, t0, client_wants_usage, headers,
+                release=lambda: self.pool.release(replica.id),
+                fail_message=lambda exc: self._mid_request_error(route.name, replica, exc).message)
         # Non-streamed answers, and upstream errors of streamed requests, pass through whole and unchanged.
         complete = False
         try:
@@ -341,98 +351,69 @@ class Gateway:
                         code="replica_failed")
 
     def _finish(self, row: dict[str, Any], t0: float, status: int, prompt: int | None, completion: int | None,
-                latency_ms: float | None, ttft_ms: float | None = None) -> None:
+                latency_ms: float | None, ttft_ms: float | None = None,
+                usage: dict[str, Any] | None = None) -> None:
         row.update(status_code=status, prompt_tokens=prompt, completion_tokens=completion,
                    latency_ms=latency_ms if latency_ms is not None else (time.perf_counter() - t0) * 1000.0,
                    ttft_ms=ttft_ms)
+        ext = row.pop("_ext", None)
+        if ext is not None:
+            row.update(ext.meter_fields(usage))
         self.meter.record(row)
 
+    # -- external endpoints and fallback ------------------------------------------------------------------
 
-class StreamPassthrough(Response):
-    """Relays SSE events as they arrive, drops the usage chunk the client did not ask for, meters at the end.
+    def _fallback_for(self, route: EndpointRoute, exc: ApiError) -> EndpointRoute | None:
+        """The external endpoint to answer instead, when `route` names one and has no healthy replica."""
+        if exc.code != "no_healthy_replica" or not route.fallback:
+            return None
+        fb = self.routes.get(route.fallback)
+        if fb is None or fb.external is None or fb.status != "active" or fb.revision_id is None:
+            log.warning("endpoint %s has no healthy replica and its fallback %r is not a live external "
+                        "endpoint; answering 503", route.name, route.fallback)
+            return None
+        return fb
 
-    Owns the upstream response: it is closed (aborting generation upstream) when the client goes away.
-    """
-
-    def __init__(self, gw: Gateway, upstream: UpstreamResponse, replica: ReplicaRoute,
-                 row: dict[str, Any], t0: float, client_wants_usage: bool, headers: dict[str, str]):
-        # No super().__init__: it would set a body and so a Content-Length of 0.
-        self.status_code, self.background = 200, None
-        self.init_headers({**headers, "cache-control": "no-cache"})
-        self.gw, self.upstream, self.replica, self.row, self.t0 = gw, upstream, replica, row, t0
-        self.client_wants_usage = client_wants_usage
-        self.prompt: int | None = None
-        self.completion: int | None = None
-        self.ttft_ms: float | None = None
-        self.status = 200
-        self.complete = False
-
-    async def _events(self) -> AsyncIterator[bytes]:
-        buf = b""
+    async def _external(self, route: EndpointRoute, kind: str, payload: dict[str, Any], row: dict[str, Any],
+                        t0: float, stream: bool, client_wants_usage: bool,
+                        extra_headers: dict[str, str] | None = None) -> Response:
+        """Call the provider of an external endpoint with the key this host holds; pass its answer through."""
+        cfg = self.external.get(route)
+        row["_ext"], row["revision_id"] = cfg, route.revision_id
+        key = cfg.read_key()
+        body, applied = cfg.shape(kind, payload)
+        headers = {"x-llmhost-endpoint": row.get("endpoint") or route.name,
+                   "x-llmhost-revision": (route.revision_hash or "")[:12], "x-llmhost-provider": cfg.provider,
+                   **(extra_headers or {})}
+        if applied is not None and (applied.changed or applied.dropped):
+            headers["x-llmhost-adjusted"] = "; ".join(applied.changed + applied.dropped)[:1000]
+        send_headers = {"content-type": _JSON, "authorization": f"Bearer {key}",
+                        "accept-encoding": "identity"}  # usage is read from the body: no compression
         try:
-            async for chunk in self.upstream.chunks():
-                if self.ttft_ms is None:
-                    self.ttft_ms = (time.perf_counter() - self.t0) * 1000.0
-                buf += chunk
-                cut = buf.rfind(b"\n\n")
-                if cut < 0:
-                    continue
-                complete, buf = buf[: cut + 2], buf[cut + 2:]
-                if b'"usage"' not in complete:  # the common case: relay as is, no parsing
-                    yield complete
-                    continue
-                out = []
-                for event in complete.split(b"\n\n")[:-1]:
-                    if b'"usage"' in event and event.startswith(b"data: {"):
-                        try:
-                            obj = orjson.loads(event[6:])
-                        except orjson.JSONDecodeError:
-                            obj = None
-                        if isinstance(obj, dict):
-                            p, c = usage_of(obj)
-                            if p is not None:
-                                self.prompt, self.completion = p, c
-                            if not self.client_wants_usage and is_usage_only_chunk(obj):
-                                continue
-                    out.append(event + b"\n\n")
-                if out:
-                    yield b"".join(out)
-            if buf:
-                yield buf
+            resp = await self.upstream.post(cfg.base_url + UPSTREAM_PATHS[kind], orjson.dumps(body), send_headers)
+        except (ConnectFailed, UpstreamTimeout, UpstreamFailed) as exc:
+            raise ApiError(502, cfg.unreachable(exc), type="server_error", code="provider_unreachable",
+                           headers=headers) from None
+        if stream and resp.status_code == 200:
+            headers["content-type"] = resp.content_type or "text/event-stream; charset=utf-8"
+            return StreamPassthrough(self, resp, row, t0, client_wants_usage, headers, release=lambda: None,
+                                     fail_message=cfg.unreachable)
+        complete = False
+        try:
+            data = await resp.read()
+            complete = True
         except (UpstreamTimeout, UpstreamFailed) as exc:
-            self.status = 502
-            err = self.gw._mid_request_error(self.row.get("endpoint") or "?", self.replica, exc)
-            yield sse_error(err.message)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async with anyio.create_task_group() as tg:
-
-                done = False
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    # A client that read `[DONE]` and hung up before the upstream's EOF got everything.
-                    if not done and not delivered:
-                        self.status = 499  # nginx's "client closed request"
-                    tg.cancel_scope.cancel()
-
-                delivered = False
-                tg.start_soon(watch_disconnect)
-                async for piece in self._events():
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-                    delivered = delivered or piece.endswith(b"data: [DONE]\n\n")
-                    # aiohttp hands out buffered data without yielding, and uvicorn drops sends to a gone client
-                    # silently: yield here so the disconnect watcher runs and aborts the upstream promptly.
-                    await anyio.lowlevel.checkpoint()
-                done = True
-                self.complete = self.status == 200  # a broken upstream connection is not reused
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
+            raise ApiError(502, cfg.unreachable(exc), type="server_error", code="provider_unreachable",
+                           headers=headers) from None
         finally:
-            self.upstream.close(complete=self.complete)
-            self.gw.pool.release(self.replica.id)
-            self.gw._finish(self.row, self.t0, self.status, self.prompt, self.completion, None, self.ttft_ms)
-
+            resp.close(complete=complete)
+        if resp.status_code != 200:
+            raise cfg.error(resp.status_code, data, {**headers, **kept_error_headers(resp.header)}, key)
+        usage = None
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
+            obj = orjson.loads(data)
+            usage = obj.get("usage") if isinstance(obj, dict) else None
+        prompt, completion = usage_of({"usage": usage})
+        self._finish(row, t0, 200, prompt, completion, (time.perf_counter() - t0) * 1000.0, usage=usage)
+        headers["content-type"] = resp.content_type or _JSON
+        return Response(data, status_code=200, headers=headers)

@@ -42,6 +42,9 @@ class UpstreamResponse:
     def content_type(self) -> str | None:
         return self._resp.headers.get("content-type")
 
+    def header(self, name: str) -> str | None:
+        return self._resp.headers.get(name)
+
     async def read(self) -> bytes:
         try:
             return await self._resp.read()

@@ -91,6 +91,18 @@ class EndpointRow:
     replicas: int
     requests_1h: int
     errors_1h: int
+    provider: str | None = None  # external endpoints: the provider and its price, instead of replicas
+    price: str | None = None
+    fallback: str | None = None
+
+
+def price_label(ext: dict[str, Any]) -> str:
+    """`$0.15 in / $0.60 out per 1M tokens (as of 2025-08-01)`, or why there is none."""
+    pin, pout = ext.get("price_in_per_1m"), ext.get("price_out_per_1m")
+    if pin is None or pout is None:
+        return "no catalog price"
+    when = f" (as of {ext['prices_as_of']})" if ext.get("prices_as_of") else ""
+    return f"${pin:g} in / ${pout:g} out per 1M tokens{when}"
 
 
 def endpoint_rows(engine: Engine, visible: set[str] | None, aliases: dict[str, str] | None = None) -> list[EndpointRow]:
@@ -117,6 +129,9 @@ def endpoint_rows(engine: Engine, visible: set[str] | None, aliases: dict[str, s
                 len(live),
                 n,
                 e,
+                v.external["provider"] if v.external else None,
+                price_label(v.external) if v.external else None,
+                v.fallback,
             )
         )
     return out

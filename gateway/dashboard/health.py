@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 
 from gateway.dashboard.data import Buckets, percentile
 from gateway.dashboard.tables import ReplicaSample, dashboard_session, ensure_tables
-from tasks.store.routes import latency_rows, list_replicas
+from tasks.store.routes import latency_rows, list_endpoints, list_replicas, request_counts_since
 
 LOG_LINES = 80
 
@@ -43,6 +43,9 @@ class HealthView:
     hw_label: str
     replicas: list[ReplicaHealth]
     samples: int
+    external: dict[str, Any] | None = None  # an external endpoint: its provider, model and prices (no replicas)
+    requests: int = 0
+    errors: int = 0
 
 
 def tail_lines(path: str | None, n: int = LOG_LINES, max_bytes: int = 256 * 1024) -> list[str]:
@@ -147,6 +150,8 @@ def health_view(engine: Engine, endpoint: str, window: str, now: datetime | None
                 else None,
             )
         )
+    view = next((v for v in list_endpoints(engine=engine) if v.name == endpoint), None)
+    n, e = request_counts_since(b.since, engine=engine).get(endpoint, (0, 0))
     return HealthView(
         window,
         percentile(all_lat, 50),
@@ -159,6 +164,9 @@ def health_view(engine: Engine, endpoint: str, window: str, now: datetime | None
         HW_LABELS[hw_kind],
         replicas,
         len(samples),
+        view.external if view else None,
+        n,
+        e,
     )
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from tasks import store
 from tasks.core.errors import ConfigError, DeployError, ReplicaStartError, TransientError
+from tasks.deploy.external import check_fallback, plan_external
 from tasks.deploy.plan import RevisionPlan, plan_revision, sizing_request
 from tasks.deploy.replicas import (
     DrainReport,
@@ -131,6 +132,8 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
     """
     actor = actor or audit.default_actor()
     with store.deploy_lease(spec.name, actor=actor):
+        if spec.target == "external":
+            return deploy_external(spec, actor=actor, force=force)
         ro = plan(spec, actor=actor)
         if not force and (unchanged := already_live(ro)):
             return unchanged
@@ -160,8 +163,10 @@ def apply_access(spec: EndpointSpec, *, actor: str) -> None:
 def plan(spec: EndpointSpec, *, actor: str) -> _Rollout:
     """Plan: the endpoint's row and grants, then the revision (nothing recorded about it yet)."""
     t0 = time.monotonic()
+    check_fallback(spec)
     store.upsert_endpoint(
-        spec.name, description=spec.description, usage_notes=spec.usage_notes, owner=spec.owner, actor=actor
+        spec.name, description=spec.description, usage_notes=spec.usage_notes, owner=spec.owner,
+        fallback=spec.fallback or "", actor=actor,
     )
     apply_access(spec, actor=actor)
     planned = plan_revision(spec)
@@ -375,6 +380,42 @@ def drain(ro: _Rollout, old_rows: list[store.ReplicaRow]) -> list[DrainReport]:
         before={"revision": ro.old_hash[:12] if ro.old_hash else None},
     )
     return drained
+
+
+def deploy_external(spec: EndpointSpec, *, actor: str, force: bool = False) -> DeployResult:
+    """An external endpoint: record its revision (no replicas, no smoke: the key lives on the gateway host) and
+    route to it; replicas of a self-hosted revision it replaces are drained."""
+    t0 = time.monotonic()
+    store.upsert_endpoint(spec.name, description=spec.description, usage_notes=spec.usage_notes, owner=spec.owner,
+                          fallback="", actor=actor)
+    apply_access(spec, actor=actor)
+    p = plan_external(spec)
+    live = live_revision(spec.name)
+    short, old = p.content_hash[:12], (live.content_hash[:12] if live else None)
+    ext = p.external
+    where = f"{ext['provider']} {ext['model']} at {ext['base_url']}"
+
+    def result(outcome: Outcome, message: str, **kw: Any) -> DeployResult:
+        return DeployResult(endpoint=spec.name, revision=short, outcome=outcome, message=message, previous=old,
+                            seconds=round(time.monotonic() - t0, 1), **kw)
+
+    same = live is not None and live.content_hash == p.content_hash
+    if same and not force and store.get_endpoint(spec.name).status == "active":
+        return result("unchanged", f"revision {short} already routes to {where}; nothing to do")
+    rev = store.add_revision(spec.name, p.identity, served_model_name=p.served_model_name, status="pending",
+                             actor=actor)
+    audit.record(actor, "deploy.plan", f"endpoint:{spec.name}", before={"revision": old},
+                 after={"revision": short, "external": {k: v for k, v in ext.items() if k != "dialects"}},
+                 endpoint=spec.name, revision=short)
+    old_rows = [r for r in store.list_replicas(spec.name, live.id) if r.state not in ("stopped", "failed")] \
+        if live is not None and not same else []
+    store.set_live_revision(spec.name, rev.id, reason=f"external: {where}", actor=actor)
+    if store.get_endpoint(spec.name).status != "active":
+        store.upsert_endpoint(spec.name, status="active", actor=actor)
+    drained = drain_and_stop(spec.name, old_rows, actor=actor) if old_rows else []
+    key = ext["api_key_env"] or ext["api_key_file"]
+    return result("live", f"revision {short} is live: the gateway routes {spec.name!r} to {where}, with the key "
+                  f"from {key} on the gateway host", drain=drained)
 
 
 def _live_message(ro: _Rollout) -> str:

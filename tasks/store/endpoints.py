@@ -31,7 +31,7 @@ def spec_hash(spec: dict[str, Any]) -> str:
 
 def _endpoint_public(e: Endpoint) -> dict[str, Any]:
     return {"name": e.name, "description": e.description, "usage_notes": e.usage_notes, "owner": e.owner,
-            "status": e.status, "live_revision_id": e.live_revision_id}
+            "status": e.status, "fallback": e.fallback, "live_revision_id": e.live_revision_id}
 
 
 def get_endpoint_row(s: Session, name: str) -> Endpoint:
@@ -56,10 +56,11 @@ def upsert_endpoint(
     usage_notes: str | None = None,
     owner: str | None = None,
     status: str | None = None,
+    fallback: str | None = None,
     actor: str = "system",
     engine: Engine | None = None,
 ) -> Endpoint:
-    """Create the endpoint or update the fields given (None leaves a field as it is)."""
+    """Create the endpoint or update the fields given (None leaves a field as it is; fallback="" clears it)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name or ""):
         raise ConfigError("endpoint", name,
                           "use letters, digits, '.', '_' or '-' (no ':'; it separates adapters)")
@@ -75,6 +76,10 @@ def upsert_endpoint(
                           ("status", status)):
             if val is not None:
                 setattr(e, attr, val)
+        if fallback is not None:
+            if fallback == name:
+                raise ConfigError("fallback", fallback, "an endpoint cannot be its own fallback")
+            e.fallback = fallback or None
         s.flush()
         after = _endpoint_public(e)
         if after != before:
@@ -281,6 +286,8 @@ class EndpointView:
     served_model_name: str | None
     model_version: str | None
     replicas: list[ReplicaRow] = field(default_factory=list)
+    external: dict[str, Any] | None = None  # an external endpoint's provider, model and prices (no key)
+    fallback: str | None = None
 
 
 def list_endpoints(*, engine: Engine | None = None) -> list[EndpointView]:
@@ -293,8 +300,15 @@ def list_endpoints(*, engine: Engine | None = None) -> list[EndpointView]:
             out.append(EndpointView(e.name, e.status, e.owner, e.description,
                                     rev.content_hash[:12] if rev else None,
                                     rev.served_model_name if rev else None,
-                                    rev.model_version if rev else None, reps))
+                                    rev.model_version if rev else None, reps,
+                                    external_of(rev.spec) if rev else None, e.fallback))
         return out
+
+
+def external_of(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An external revision's provider config (base URL, model, key variable or file, prices, request rules)."""
+    ext = (spec or {}).get("external")
+    return dict(ext) if isinstance(ext, dict) else None
 
 
 def attach_server(

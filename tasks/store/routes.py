@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import CursorResult, Engine, select, update
 
 from tasks.core.errors import ConfigError
 from tasks.store.audit import entries as audit_entries
 from tasks.store.endpoints import (
     EndpointView,
+    external_of,
     get_endpoint,
     list_endpoints,
     list_replicas,
@@ -69,6 +70,8 @@ class EndpointRoute:
     replicas: tuple[ReplicaRoute, ...]
     users: frozenset[str]
     teams: frozenset[str]
+    external: dict[str, Any] | None = None  # set for an external endpoint: where the provider is (no key)
+    fallback: str | None = None  # the external endpoint to answer when no replica is healthy
 
     def allows(self, key: KeyInfo) -> bool:
         return key.user in self.users or (key.team is not None and key.team in self.teams)
@@ -105,6 +108,7 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
                 served_model_name=rev.served_model_name if rev else None,
                 adapters=dict(rev.adapters or {}) if rev else {}, replicas=reps,
                 users=frozenset(users), teams=frozenset(teams),
+                external=external_of(rev.spec) if rev else None, fallback=e.fallback,
             )
         return epoch, routes
 
@@ -139,7 +143,7 @@ def record_replica_health(replica_id: int, state: str, *, engine: Engine | None 
     if state not in ("up", "down"):
         raise ConfigError("state", state, "the health loop records only 'up' or 'down'")
     with session_scope(engine) as s:
-        res = s.execute(
+        res: CursorResult[Any] = s.execute(  # type: ignore[assignment]
             update(ReplicaRow)
             .where(ReplicaRow.id == replica_id, ReplicaRow.state.in_(OBSERVABLE_STATES), ReplicaRow.state != state)
             .values(state=state)

@@ -29,8 +29,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from tasks.core.errors import ConfigError
@@ -104,6 +106,9 @@ class Endpoint(Base):
     usage_notes: Mapped[str | None] = mapped_column(Text)
     owner: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(32), default="active")
+    # An external endpoint that answers when this one has no healthy replica (off when None): the request's
+    # data then leaves the network, so only the endpoint's spec turns it on.
+    fallback: Mapped[str | None] = mapped_column(String(200))
     live_revision_id: Mapped[int | None] = mapped_column(
         ForeignKey("endpoint_revisions.id", use_alter=True, name="fk_endpoint_live_revision")
     )
@@ -181,6 +186,12 @@ class UsageRecord(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
+    # External endpoints (frontier APIs): the provider, its reasoning tokens (already inside completion_tokens),
+    # the cost at the catalog's rates, and, for an answer served by a fallback, the external endpoint that did.
+    provider: Mapped[str | None] = mapped_column(String(64))
+    reasoning_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    fallback: Mapped[str | None] = mapped_column(String(200))
 
 
 class AuditEntry(Base):
@@ -255,11 +266,26 @@ def get_engine(url: str | None = None) -> Engine:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(engine)
+        _add_missing_columns(engine)
         with Session(engine) as s, s.begin():
             if s.get(Meta, ROUTES_EPOCH) is None:
                 s.add(Meta(name=ROUTES_EPOCH, value=0))
         _engines[url] = engine
         return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the nullable columns a store made by an older llmhost lacks (create_all adds tables, not columns)."""
+    insp = inspect(engine)
+    with engine.begin() as c:
+        for table in Base.metadata.sorted_tables:
+            if not insp.has_table(table.name):
+                continue
+            have = {col["name"] for col in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable and not col.primary_key:
+                    ddl = col.type.compile(dialect=engine.dialect)
+                    c.execute(sql_text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}'))
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from tasks.store.schema import UsageRecord, get_engine, session_scope
 
 USAGE_FIELDS = ("ts", "key_prefix", "user", "team", "endpoint", "adapter", "revision_id", "replica_id",
                 "route", "stream", "status_code", "prompt_tokens", "completion_tokens", "latency_ms",
-                "ttft_ms")
+                "ttft_ms", "provider", "reasoning_tokens", "cost_usd", "fallback")
 
 
 def add_usage(records: Sequence[dict[str, Any]], *, engine: Engine | None = None) -> int:
@@ -57,14 +57,21 @@ class UsageSummary:
     completion_tokens: int
     avg_latency_ms: float
     avg_ttft_ms: float | None
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    fallback_requests: int = 0
 
 
 def summarize_usage(*, endpoint: str | None = None, since: datetime | None = None,
                     engine: Engine | None = None) -> list[UsageSummary]:
-    """Per endpoint x user x team x key: requests, errors (status >= 400), tokens, mean latency and TTFT."""
+    """Per endpoint x user x team x key: requests, errors (status >= 400), tokens, mean latency and TTFT, and
+    for external endpoints reasoning tokens, API spend (USD at the catalog's rates) and fallback answers."""
     with session_scope(engine) as s:
         q = (select(UsageRecord.endpoint, UsageRecord.user, UsageRecord.team, UsageRecord.key_prefix,
-                    *_aggregates(), func.avg(UsageRecord.latency_ms), func.avg(UsageRecord.ttft_ms))
+                    *_aggregates(), func.avg(UsageRecord.latency_ms), func.avg(UsageRecord.ttft_ms),
+                    func.coalesce(func.sum(UsageRecord.reasoning_tokens), 0),
+                    func.coalesce(func.sum(UsageRecord.cost_usd), 0.0),
+                    func.count(UsageRecord.fallback))
              .group_by(UsageRecord.endpoint, UsageRecord.user, UsageRecord.team, UsageRecord.key_prefix)
              .order_by(UsageRecord.endpoint, UsageRecord.user))
         if endpoint:
@@ -72,8 +79,8 @@ def summarize_usage(*, endpoint: str | None = None, since: datetime | None = Non
         if since:
             q = q.where(UsageRecord.ts >= since)
         return [UsageSummary(ep, u, t, k, int(n), int(e or 0), int(p), int(c), float(lat or 0.0),
-                             float(tt) if tt is not None else None)
-                for ep, u, t, k, n, e, p, c, lat, tt in s.execute(q)]
+                             float(tt) if tt is not None else None, int(rt), float(cost), int(fb))
+                for ep, u, t, k, n, e, p, c, lat, tt, rt, cost, fb in s.execute(q)]
 
 
 # ---------------------------------------------------------------------------------------------------------
