@@ -19,7 +19,7 @@ from tasks.core.errors import LlmhostError
 
 # `llmhost --help` reads in the order a newcomer uses the commands: the lifecycle, then operating it.
 LIFECYCLE = ("register", "models", "size", "deploy", "rollback", "eval", "finetune", "adapters", "promote")
-OPERATIONS = ("endpoints", "keys", "access", "usage", "audit", "gateway", "dashboard", "render", "data",
+OPERATIONS = ("endpoints", "keys", "access", "usage", "cost", "audit", "gateway", "dashboard", "render", "data",
               "lifecycle", "demo", "demo-serve")  # fmt: skip
 
 # One example per command, shown at the end of its --help; a command may set its own epilog instead.
@@ -39,6 +39,7 @@ EXAMPLES = {
     "access grant": "llmhost access grant demo --team ml",
     "access revoke": "llmhost access revoke demo --user alice",
     "access list": "llmhost access list demo",
+    "cost": "llmhost cost demo --frontier gpt-4o-mini --json",
     "audit at": "llmhost audit at now --endpoint demo",
     "gateway": "llmhost gateway --port 8080",
     "dashboard admin": "llmhost dashboard admin alice",

@@ -95,7 +95,7 @@ def test_tier_price_from_catalog(tmp_path: Path) -> None:
     with pytest.raises(EvalError, match="known tiers"):
         tier_hourly_price("h100", p)
     # the sizing catalog shipped in tasks/size/tiers.yaml
-    assert tier_hourly_price("cpu") == 0.0
+    assert tier_hourly_price("cpu") == 0.08925  # aws:c7i.large, no longer $0 (issue 15)
     assert tier_hourly_price("t4-16gb-x1") > 0
 
 

@@ -7,7 +7,7 @@ import typer
 from flows.commands._output import json_option
 
 USAGE_KEYS = ("endpoint", "user", "team", "key_prefix", "requests", "errors", "prompt_tokens", "completion_tokens",
-              "avg_latency_ms", "avg_ttft_ms")  # fmt: skip
+              "avg_latency_ms", "avg_ttft_ms", "cost_usd", "reasoning_tokens", "fallback_requests")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
         endpoint: str = typer.Option(None, "--endpoint", help="Only this endpoint."),
         since: str = typer.Option(None, "--since", help="Window such as 1h, 24h, 7d; default all time."),
         as_json: bool = json_option("a list of objects, one per endpoint/user/team/key", USAGE_KEYS,
-                                    "avg_ttft_ms is null when no streamed request measured it."),
+                                    "avg_ttft_ms is null when no streamed request measured it; cost_usd is "
+                                    "the API spend of external endpoints at the catalog's rates (0 when "
+                                    "self-hosted: see `llmhost cost`)."),
     ) -> None:
         """Requests, errors, tokens and mean latency (ms) per endpoint, user, team and key.
 
@@ -31,12 +33,14 @@ def register(app: typer.Typer) -> None:
             emit_json([pick(r, USAGE_KEYS) for r in rows])
             return
         title = f"usage{f' of {endpoint}' if endpoint else ''}{f' in the last {since}' if since else ''}"
-        t = table("endpoint", "user", "team", "key", "req", "err", "tok in/out", "ms", "TTFT", title=title)
+        t = table("endpoint", "user", "team", "key", "req", "err", "tok in/out", "ms", "TTFT", "$",
+                  title=title)
         for r in rows:
             ttft = f"{r.avg_ttft_ms:.0f}" if r.avg_ttft_ms is not None else "-"
-            t.add_row(short(r.endpoint, 12), short(r.user, 10), short(r.team, 7), r.key_prefix or "-",
+            spend = f"{r.cost_usd:.2f}" if r.cost_usd else "-"
+            t.add_row(short(r.endpoint, 10), short(r.user, 8), short(r.team, 6), r.key_prefix or "-",
                       str(r.requests), str(r.errors), f"{tokens(r.prompt_tokens)}/{tokens(r.completion_tokens)}",
-                      f"{r.avg_latency_ms:.0f}", ttft)
+                      f"{r.avg_latency_ms:.0f}", ttft, spend)
         out = console()
         out.print(t)
         if not rows:

@@ -186,6 +186,34 @@ def usage(engine: Engine, endpoint: str, window: str, now: datetime | None = Non
     )
 
 
+# ------------------------------------------------------------------------------------------ cost
+
+
+def usage_cost(engine: Engine, endpoint: str, now: datetime | None = None) -> dict[str, Any] | None:
+    """The endpoint's last 24 h of tokens priced at the frontier's rates, next to the tier's cost for the day.
+
+    Prices and throughput come from the endpoint's latest eval comparison with a frontier (MLflow), through
+    the same module as its report and `llmhost cost`; None when there is none (or MLflow is off here).
+    """
+    if os.environ.get("LLMHOST_DASHBOARD_NO_MLFLOW"):
+        return None
+    try:
+        from tasks.evaluate.cost import day_cost, latest_comparison_cost
+
+        found = latest_comparison_cost(endpoint)
+    except Exception:  # the comparison is a nicety here; the page must render without MLflow
+        return None
+    if found is None:
+        return None
+    report, run_id = found
+    since = (now or utcnow()) - timedelta(hours=24)
+    got = usage_breakdown(endpoint, since, engine=engine)
+    replicas = next((len(e.replicas) for e in list_endpoints(engine=engine) if e.name == endpoint), 1)
+    day = day_cost(report, got.totals.prompt_tokens, got.totals.completion_tokens, replicas=replicas or 1)
+    return {"run_id": run_id, "lines": report.lines(), "day": day.model_dump(),
+            "frontier": report.api.name if report.api else None, "tier": report.tier.tier, **report.metrics()}
+
+
 # ------------------------------------------------------------------------------------------ aliases
 
 

@@ -226,6 +226,7 @@ class Dashboard:
         def build(viewer: Viewer, name: str) -> dict[str, Any]:
             return {
                 "u": data.usage(self.engine, name, window),
+                "cost": data.usage_cost(self.engine, name),
                 "window": window,
                 "windows": list(data.WINDOWS),
             }

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from tasks.core.errors import EvalError
+from tasks.evaluate.cost import ApiPrice, CostReport, TierPrice, cost_report, mix_of, throughput_of
 from tasks.evaluate.failures import ErrorGroup
 from tasks.evaluate.metric_specs import (
     Classification,
@@ -153,6 +154,43 @@ def tier_hourly_price(tier: str, path: Path | None = None) -> float:
             raise EvalError(f"tier={tier!r} in {path} has no price_per_hour; pass --hourly-price USD")
     names = [e.get("name") for e in entries or [] if isinstance(e, dict)]
     raise EvalError(f"tier={tier!r} is not in {path}; known tiers: {names}")
+
+
+def tier_price(tier: str | None, hourly_price: float | None) -> TierPrice | None:
+    """The self-hosted side's price: the catalog tier (with its instance and source), or the given hourly price."""
+    if hourly_price is not None:
+        return TierPrice(tier=tier or "given hourly price", hourly_usd=hourly_price)
+    if not tier:
+        return None
+    tiers = {t.name: t for t in load_tiers()}
+    if tier not in tiers:
+        raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
+    t = tiers[tier]
+    return TierPrice(tier=t.name, hourly_usd=t.price_per_hour, instance=t.instance, source=t.price_source,
+                     as_of=t.prices_as_of)
+
+
+def cost_comparison(
+    candidate: RunResult,
+    baseline: RunResult,
+    hourly_price: float | None,
+    tier: str | None,
+    saturation: RunStats | None = None,
+) -> CostReport | None:
+    """$ per 1M output tokens and the break-even volume when one side is self-hosted and the other an API."""
+    hosted = [r for r in (candidate, baseline) if r.target.pricing is None]
+    apis = [r for r in (candidate, baseline) if r.target.pricing is not None]
+    price = tier_price(tier, hourly_price)
+    if len(hosted) != 1 or len(apis) != 1 or price is None:
+        return None
+    h, a = hosted[0], apis[0]
+    p = a.target.pricing
+    assert p is not None
+    api = ApiPrice(name=a.target.spec, price_in_per_1m=p.price_in_per_1m, price_out_per_1m=p.price_out_per_1m,
+                   as_of=p.prices_as_of)
+    # The API bills the tokens it counts; its own usage gives the mix (reasoning tokens are output).
+    mix = mix_of(a.stats) or mix_of(h.stats)
+    return cost_report(price, api, mix, throughput_of(h.stats), throughput_of(saturation) if saturation else None)
 
 
 def self_hosted_cost(stats: RunStats, hourly_usd: float, tier: str | None = None) -> CostEstimate:
@@ -368,6 +406,9 @@ class Comparison(BaseModel):
     metrics: list[MetricComparison]
     primary: str
     verdict: Verdict
+    cost: CostReport | None = Field(
+        default=None, description="$ per 1M output tokens and break-even, when one side is an API."
+    )
 
 
 def _wtl(cand: ScoreColumn, base: ScoreColumn) -> tuple[int, int, int] | tuple[None, None, None]:
@@ -387,6 +428,7 @@ def compare(
     tier: str | None = None,
     candidate_precision: str | None = None,
     n_boot: int = N_BOOT,
+    saturation: RunStats | None = None,
 ) -> Comparison:
     """Paired comparison of two runs of the same suite version; the candidate is the would-be replacement."""
     if candidate.suite_hash != baseline.suite_hash:
@@ -441,6 +483,7 @@ def compare(
         metrics=mcs,
         primary=suite.primary,
         verdict=verdict,
+        cost=cost_comparison(candidate, baseline, hourly_price, tier, saturation),
     )
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-from tasks.evaluate.compare import Interval, cost_of, summarize
+from tasks.evaluate.compare import Comparison, Interval, cost_of, summarize
+from tasks.evaluate.cost import plot_break_even
 from tasks.evaluate.runner import ExampleRecord, RunResult
 from tasks.evaluate.suite import LoadedSuite
 
 EXAMPLES_TABLE = "eval_examples.json"
+BREAK_EVEN_PLOT = "break_even.png"
 
 
 def experiment_name(suite_name: str) -> str:
@@ -267,3 +270,17 @@ def log_result(
     if groups := result.error_groups:
         mlflow.log_dict({"errors": [g.model_dump() for g in groups]}, "eval_errors.json")
     return summaries
+
+
+def log_cost(cmp: Comparison, out_dir: Path) -> Path | None:
+    """Into the active comparison run: the cost figures as metrics and the break-even plot as an artifact."""
+    import mlflow
+
+    if cmp.cost is None:
+        return None
+    mlflow.log_metrics(cmp.cost.metrics())
+    mlflow.log_dict(cmp.cost.model_dump(mode="json"), "cost.json")
+    png = plot_break_even(cmp.cost, out_dir / BREAK_EVEN_PLOT)
+    if png is not None:
+        mlflow.log_artifact(str(png))
+    return png

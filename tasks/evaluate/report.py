@@ -89,6 +89,8 @@ def render_markdown(cmp: Comparison) -> str:
         cost = "unknown" if side.cost.per_1k_requests_usd is None else f"${side.cost.per_1k_requests_usd:.4f}"
         lines.append(f"- {label} `{side.target}`: **{cost}** = {side.cost.basis}")
         lines += [f"  - assumes {a}" for a in side.cost.assumptions]
+    if cmp.cost is not None:
+        lines += ["", "## $ per 1M output tokens and break-even", "", *[f"- {ln}" for ln in cmp.cost.lines()]]
     lines += _sides_notes(c, b)
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 from tasks.evaluate.compare import Comparison, compare
-from tasks.evaluate.mlflow_logging import experiment_name, log_genai_assessments, log_result, log_traces
+from tasks.evaluate.mlflow_logging import experiment_name, log_cost, log_genai_assessments, log_result, log_traces
 from tasks.evaluate.report import plot, render_markdown
 from tasks.evaluate.runner import RunResult, run_suite
 from tasks.evaluate.suite import LoadedSuite
@@ -136,6 +136,7 @@ def compare_targets(
         mlflow.log_artifact(str(png))
         mlflow.log_text(md, "comparison.md")
         mlflow.log_dict(cmp.model_dump(mode="json"), "comparison.json")
+        log_cost(cmp, out)
         prim = next(m for m in cmp.metrics if m.name == cmp.primary)
         mlflow.log_metrics(
             {

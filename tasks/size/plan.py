@@ -7,6 +7,7 @@ GPU the space is `gpu_memory_utilization x memory - weights - profiled overhead`
 from __future__ import annotations
 
 import math
+from datetime import date
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -119,6 +120,9 @@ class Tier(BaseModel):
     count: int = Field(default=1, ge=1, le=64, description="Devices in the tier.")
     memory_bytes: int = Field(gt=0, description="Memory per device as the runtime sees it.")
     price_per_hour: float = Field(ge=0, description="USD per hour for the whole tier.")
+    instance: str = Field(default="", description="Cloud instance type the price is read from (provider:type).")
+    price_source: str = Field(default="", description="Pricing page the hourly price was read from.")
+    prices_as_of: date | None = Field(default=None, description="Date the hourly price was read.")
     kv_cache_space_bytes: int | None = Field(
         default=None, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE in bytes."
     )
