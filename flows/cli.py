@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if argv is None:  # the console process only: a caller passing argv (tests, embedding) keeps its own logging
+        from tasks.core import quiet
+
+        quiet.setup(sys.argv[1:])
     try:
         # Without standalone mode click returns (not raises) a command's `typer.Exit(code)`: keep its code.
         rc = app(args=argv, standalone_mode=False)

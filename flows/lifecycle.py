@@ -22,6 +22,7 @@ from flows.tasks import (
     register_model_cached,
     size_task,
 )
+from tasks.core import quiet
 from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
 from tasks.evaluate.compare import Comparison, Verdict
@@ -54,10 +55,13 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
     timings: list[StepTiming] = []
 
     def timed(step: str, fn: Callable[P, R], *args: P.args, **kw: P.kwargs) -> R:
+        # One line as each step starts and ends (and a sign of life between) on the console; the run log keeps both.
+        # Our prints reach the run logger (log_prints), so what still writes to stdout during a step is a library's
+        # own banner (mlflow.genai.evaluate's, with ANSI codes): under the CLI it goes to the run's log file.
         t0 = time.monotonic()
-        out = fn(*args, **kw)
+        with quiet.step(step, also=log.info), quiet.redirect_stdout_to_log():
+            out = fn(*args, **kw)
         timings.append(StepTiming(step=step, seconds=round(time.monotonic() - t0, 1)))
-        log.info("%s done in %.1fs", step, timings[-1].seconds)
         return out
 
     spec = load_spec(params.endpoint_spec)

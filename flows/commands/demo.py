@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from demo.build import build_demo_model, default_demo_dir
+        from tasks.core import quiet
         from tasks.serving.base import VllmArgs
         from tasks.serving.local import LocalTarget
 
@@ -26,7 +27,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"demo model: {built.model_dir} ({'cached' if built.skipped else f'built in {built.seconds}s'})")
         target = LocalTarget()
         t0 = time.monotonic()
-        with console.status("starting vLLM (about a minute on 2 cores)..."):
+        # A spinner on a terminal, a "still running" line every 30 s elsewhere: the wait is about a minute on 2 cores.
+        with quiet.step("start vLLM"):
             replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name="demo", dtype="float32",
                                             max_model_len=1024, enforce_eager=True), name="demo")
         try:

@@ -46,16 +46,20 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Plan, size, start, smoke-test and switch an endpoint to a new revision (blue/green)."""
+        from tasks.core import quiet
         from tasks.deploy import deploy as do_deploy
         from tasks.deploy import load_spec
 
         parsed = load_spec(spec)
-        if flow:
-            from flows.deploy import deploy_flow
+        # Starting vLLM takes about a minute on a CPU: a start line, a sign of life, an end line.
+        with quiet.step(f"deploy {parsed.name}"):
+            if flow:
+                from flows.deploy import deploy_flow
 
-            print_result(_run_flow(deploy_flow, parsed, force=force))
-        else:
-            print_result(do_deploy(parsed, force=force))
+                result = _run_flow(deploy_flow, parsed, force=force)
+            else:
+                result = do_deploy(parsed, force=force)
+        print_result(result)
 
     @app.command("rollback")
     def rollback(
@@ -66,11 +70,14 @@ def register(app: typer.Typer) -> None:
         flow: bool = typer.Option(False, "--flow", help="Run as the Prefect `rollback` flow."),
     ) -> None:
         """Redeploy the previous good revision through the same smoke-tested blue/green path."""
+        from tasks.core import quiet
         from tasks.deploy import rollback as do_rollback
 
-        if flow:
-            from flows.deploy import rollback_flow
+        with quiet.step(f"rollback {name}"):
+            if flow:
+                from flows.deploy import rollback_flow
 
-            print_result(_run_flow(rollback_flow, name, to=to))
-        else:
-            print_result(do_rollback(name, to=to))
+                result = _run_flow(rollback_flow, name, to=to)
+            else:
+                result = do_rollback(name, to=to)
+        print_result(result)

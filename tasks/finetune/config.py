@@ -107,7 +107,11 @@ class FinetuneConfig(_Strict):
     register_version: bool = Field(default=True, description="Register the adapter as a new model version.")
     experiment: str = Field(default=FINETUNE_EXPERIMENT, description="MLflow experiment of the run.")
     run_name: str | None = None
-    progress: bool = Field(default=True, description="Show a progress bar.")
+    progress: bool = Field(
+        default=True,
+        description="Draw a progress bar (step / total, loss, time left) on a terminal; off, as in flows, the "
+        "same line is logged every ~5% of the steps instead.",
+    )
     cpu_threads: int | None = Field(
         default=None,
         ge=1,

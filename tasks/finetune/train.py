@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.core import quiet
 from tasks.core.errors import FinetuneError
 from tasks.finetune.config import FinetuneConfig, LoraSettings
 from tasks.finetune.data import ChatRow, TrainingData
@@ -261,6 +262,29 @@ def _train_lora(
             if on_log is not None:
                 on_log(step, {k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
 
+    class _Progress(TrainerCallback):  # type: ignore[misc]
+        """Step / total, the latest loss and the time left: a bar on a terminal, else a line every ~5%."""
+
+        bar: quiet.Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.bar = quiet.progress("fine-tune", int(state.max_steps or steps), draw=cfg.progress)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # A step that logs reports from on_log, with its own loss rather than the previous one.
+            if self.bar is not None and not control.should_log:
+                self.bar.update(int(state.global_step), loss=history.train[-1][1] if history.train else None)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+        ) -> None:
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.update(int(state.global_step), loss=float(logs["loss"]))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
     with tempfile.TemporaryDirectory(prefix="llmhost-ft-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -282,7 +306,7 @@ def _train_lora(
             seed=cfg.seed,
             data_seed=cfg.seed,
             use_cpu=not cuda_available(),
-            disable_tqdm=not cfg.progress,
+            disable_tqdm=True,  # our own progress (_Progress) replaces tqdm's bars
             remove_unused_columns=False,
             dataloader_pin_memory=False,
             optim="adamw_torch",
@@ -293,13 +317,12 @@ def _train_lora(
             train_dataset=train_feats,
             eval_dataset=eval_feats or None,
             data_collator=_Collator(tokenizer.pad_token_id),
-            callbacks=[_Record()],
+            callbacks=[_Record(), _Progress()],
         )
-        if not cfg.progress:
-            # With tqdm off, transformers prints every log dict; a flow's log_prints would relay each one.
-            from transformers import PrinterCallback
+        # With tqdm off, transformers prints every log dict; a flow's log_prints would relay each one.
+        from transformers import PrinterCallback
 
-            trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(PrinterCallback)
         before = float(trainer.evaluate()["eval_loss"]) if eval_feats else None
         started = time.monotonic()
         trainer.train()
