@@ -150,3 +150,16 @@ def test_size_of_a_registry_ref_prints_the_plan_without_download_bars(registered
     log = _check_quiet(proc)
     assert log.name.startswith("size-")
     assert json.loads(proc.stdout)  # the plan, as JSON on a clean stdout
+
+
+def test_an_eval_without_a_bar_still_counts_examples(caplog: pytest.LogCaptureFixture):
+    """Flows evaluate with progress=False: the runner then reports examples done about every 5%, as lines."""
+    from tasks.evaluate.runner import _progress
+
+    with caplog.at_level(logging.INFO, logger="llmhost"), _progress(False, 40, "endpoint:demo") as tick:
+        for _ in range(40):
+            tick()
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmhost"]
+    assert lines[0].startswith("eval endpoint:demo example 1/40 (2%)"), lines
+    assert lines[-1].startswith("eval endpoint:demo example 40/40 (100%) in"), lines
+    assert 15 <= len(lines) <= 25, lines

@@ -208,7 +208,10 @@ def log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
         return scorer(fn, name=name)
 
     scorers = [make(n) for n in loaded.suite.score_names if n not in corpus]
-    mlflow.genai.evaluate(data=traces, scorers=scorers)
+    from tasks.core.quiet import redirect_stdout_to_log
+
+    with redirect_stdout_to_log():  # its banner goes straight to stdout: into the command's log file, if any
+        mlflow.genai.evaluate(data=traces, scorers=scorers)
     return len(traces)
 
 

@@ -130,7 +130,22 @@ class RunResult(BaseModel):
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int, label: str):  # type: ignore[no-untyped-def]
     if not enabled:
-        yield lambda: None
+        from tasks.core import quiet
+
+        # In a flow or a CLI step (the lifecycle's compare): a line every ~5% to the console or the `llmhost`
+        # logger, never a bar.
+        count = quiet.progress(f"eval {label}", total, unit="example", draw=False)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            count.update(done)
+
+        try:
+            yield tick
+        finally:
+            count.close()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
