@@ -217,6 +217,39 @@ def rollback_aliases(name: str, *, actor: str) -> PromotionRecord:
                            forced=False, at=datetime.now(UTC))
 
 
+class AliasChange(BaseModel):
+    """One audited move of a model's aliases: who, when, why (the action) and each alias before -> after."""
+
+    ts: str
+    actor: str
+    action: str
+    changes: dict[str, tuple[str | None, str | None]] = Field(description="alias -> (version before, after).")
+    endpoint: str | None = None
+
+
+ALIAS_ACTIONS = ("promote", "promote.forced", "promote.initial", "rollback", "alias.challenger")
+
+
+def alias_history(name: str) -> list[AliasChange]:
+    """Every audited alias move of model `name`, oldest first, read back from the audit chain."""
+    out: list[AliasChange] = []
+    for e in audit.entries():
+        if e.subject != f"model:{name}" or e.action not in ALIAS_ACTIONS:
+            continue
+        before = json.loads(e.before) if e.before else {}
+        after = json.loads(e.after) if e.after else {}
+        before, after = before if isinstance(before, dict) else {}, after if isinstance(after, dict) else {}
+        changes = {k: (_str(before.get(k)), _str(after.get(k))) for k in sorted({*before, *after})
+                   if _str(before.get(k)) != _str(after.get(k))}
+        out.append(AliasChange(ts=e.ts, actor=e.actor, action=e.action, changes=changes,
+                               endpoint=_links(e).get("endpoint")))
+    return out
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
 def _links(entry: Any) -> dict[str, Any]:
     out = json.loads(entry.links or "{}")
     if entry.endpoint:

@@ -136,6 +136,27 @@ def test_promote_moves_champion_to_previous_champion_and_rollback_restores(two_v
     assert audit.verify().ok
 
 
+def test_models_show_prints_each_alias_move_from_the_audit_log(two_versions, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch):
+    from flows.cli import main
+    from tasks.promote import alias_history, mark_challenger, move_aliases, rollback_aliases
+
+    name, v1, v2 = two_versions
+    mark_challenger(name, v2, actor="alice")
+    move_aliases(name, v2, actor="alice")
+    rollback_aliases(name, actor="bob")
+    history = alias_history(name)
+    assert [(h.action, h.actor) for h in history] == [("alias.challenger", "alice"), ("promote", "alice"),
+                                                      ("rollback", "bob")]
+    assert history[1].changes == {"champion": (v1, v2), "challenger": (v2, None), "previous-champion": (None, v1)}
+    assert history[2].changes == {"champion": (v2, v1), "previous-champion": (v1, v2)}
+    monkeypatch.setenv("COLUMNS", "200")  # the full moves on one line; at 80 columns they are cut with …
+    capsys.readouterr()
+    assert main(["models", "show", name]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"champion {v1}->{v2}" in out and f"previous-champion -->{v1}" in out and "rollback" in out, out
+
+
 def test_rollback_without_a_previous_champion_is_refused(two_versions):
     from tasks.promote import rollback_aliases
 

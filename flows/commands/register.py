@@ -91,9 +91,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = json_option("a list of version objects, oldest first", REGISTERED_KEYS,
                                     "created is always false here; tags maps tag name to string value."),
     ) -> None:
-        """Every version of NAME with its tags."""
+        """Every version of NAME with its tags, then the history of its aliases from the audit log."""
         from rich.console import Console
 
+        from flows.commands._output import short, table
+        from tasks.promote import alias_history
         from tasks.register import model_versions
 
         versions = model_versions(name)
@@ -103,6 +105,14 @@ def register(app: typer.Typer) -> None:
         console = Console()
         for v in versions:
             console.print(_tag_table(f"{v.model_uri}  (run {v.run_id})", v.tags))
+        history = alias_history(name)
+        if history:
+            t = table("when (UTC)", "action", "by", "aliases")
+            for h in history:
+                moves = "; ".join(f"{a} {b or '-'}->{c or '-'}" for a, (b, c) in h.changes.items())
+                t.add_row(h.ts[:16].replace("T", " "), h.action, short(h.actor, 12), moves or "-")
+            console.print("aliases (champion serves; challenger is under test; previous-champion was replaced):")
+            console.print(t)
 
     @models.command("resolve", epilog="Example: llmhost models resolve models:/demo@champion")
     def resolve_cmd(ref: str = typer.Argument(..., help="models:/NAME@ALIAS or models:/NAME/VER")) -> None:
