@@ -6,6 +6,8 @@
 Prints the throughput ratio (gateway / direct) and the added p50 / p95 latency. Arms alternate
 (direct, gateway, direct, gateway, ...) so that drift in the machine's load hits both alike.
 Target: ratio >= 0.97 and <= 2 ms added at p50.
+The gateway arm meters with its usage journal on (the default, see gateway/journal.py);
+benchmarks/usage_durability.py sets it against the old batched metering to show what it costs per request.
 """
 
 from __future__ import annotations

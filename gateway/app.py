@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,13 +27,22 @@ log = logging.getLogger("llmhost.gateway")
 
 
 def create_app(store_url: str | None = None, settings: Settings | None = None, *,
-               flush_interval_s: float = 0.5) -> GatewayApp:
-    """The gateway app over the store at `store_url` (default: settings.store)."""
+               flush_interval_s: float = 0.5,
+               usage_journal: Literal["write", "fdatasync", "off"] | None = None) -> GatewayApp:
+    """The gateway app over the store at `store_url` (default: settings.store).
+
+    `usage_journal` (see gateway.metering.Meter): "write" survives a killed gateway, "fdatasync" a power cut
+    too, at one disk sync per group of requests; "off" is the old batched metering, which loses up to
+    `flush_interval_s` of usage in a crash (kept so that benchmarks/usage_durability.py can compare).
+    Default: the `LLMHOST_USAGE_JOURNAL` setting.
+    """
     settings = settings or get_settings()
-    gw = Gateway(get_engine(store_url or settings.store), settings, flush_interval_s=flush_interval_s)
+    gw = Gateway(get_engine(store_url or settings.store), settings, flush_interval_s=flush_interval_s,
+                 usage_journal=usage_journal or settings.usage_journal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.meter.recover()  # usage a killed gateway journaled but had not stored yet
         await gw.start()
         log.info("gateway ready: %d endpoints", len(gw.routes))
         try:

@@ -1,18 +1,20 @@
 """Gateway logic: authenticate, resolve `model` to a live revision, pick a replica, pass the answer through.
 
 Hot-path costs are kept to in-memory lookups: keys and routes are cached and reloaded only when the store's
-routes epoch moves (one indexed read of one row per request on SQLite), usage rows are queued for the meter,
-and one pooled httpx client talks to every replica.
+routes epoch moves (one indexed read of one row per request on SQLite), a usage row is appended to the
+gateway's journal before its answer ends (gateway.journal; batched into the store every 0.5 s, replayed after a
+crash), and one pooled aiohttp client talks to every replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 import httpx
@@ -62,13 +64,17 @@ class Gateway:
     """State shared by all requests of one gateway app."""
 
     def __init__(self, engine: Engine, settings: Settings | None = None, *, flush_interval_s: float = 0.5,
-                 epoch_poll_s: float = 0.25):
+                 epoch_poll_s: float = 0.25, usage_journal: Literal["write", "fdatasync", "off"] = "write"):
         self.engine = engine
         self.settings = settings or get_settings()
         self.keys = KeyCache(engine)
         self.pool = ReplicaPool()
         self.metrics = Metrics()
-        self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s)
+        # One journal folder per store, so a gateway never replays rows meant for another store.
+        journal = self.settings.home_abs / "usage-journal" / hashlib.sha1(str(engine.url).encode()).hexdigest()[:12]
+        self.meter = Meter(engine, self.metrics, flush_interval_s=flush_interval_s,
+                           journal_dir=None if usage_journal == "off" else journal,
+                           journal_sync="fdatasync" if usage_journal == "fdatasync" else "write")
         self.external = ExternalConfigs()
         self.client: httpx.AsyncClient | None = None
         self.upstream: Upstream
@@ -199,7 +205,7 @@ class Gateway:
 
     async def forward(self, request: Request, kind: str) -> Response:
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"ts": utcnow(), "route": kind, "stream": False}
+        row: dict[str, Any] = {"ts": utcnow(), "route": kind, "stream": False, "request_id": self.meter.new_id()}
         try:
             self.refresh()  # before the key cache is consulted, so a revocation applies to this very request
             key = await self.keys.authenticate(request.headers.get("authorization"))
@@ -211,7 +217,7 @@ class Gateway:
         try:
             return await self._forward(request, kind, key, row, t0)
         except ApiError as exc:
-            self._finish(row, t0, exc.status, None, None, None)
+            await self.meter.durable(self._finish(row, t0, exc.status, None, None, None))
             return error_response(exc)
 
     def _resolve(self, payload: dict[str, Any], key: KeyInfo,
@@ -285,7 +291,7 @@ class Gateway:
                                         {"x-llmhost-fallback": fallback.name})
         row["replica_id"] = replica.id
         headers = {"x-llmhost-endpoint": route.name, "x-llmhost-revision": (route.revision_hash or "")[:12],
-                   "x-llmhost-replica": replica.name}
+                   "x-llmhost-replica": replica.name, "x-llmhost-request-id": row["request_id"]}
         if stream and resp.status_code == 200:
             headers["content-type"] = resp.content_type or "text/event-stream; charset=utf-8"
             return StreamPassthrough(
@@ -307,7 +313,7 @@ class Gateway:
             with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
                 prompt, completion = usage_of(orjson.loads(data))
         latency_ms = (time.perf_counter() - t0) * 1000.0
-        self._finish(row, t0, resp.status_code, prompt, completion, latency_ms)
+        await self.meter.durable(self._finish(row, t0, resp.status_code, prompt, completion, latency_ms))
         headers["content-type"] = resp.content_type or _JSON
         return Response(data, status_code=resp.status_code, headers=headers)
 
@@ -352,14 +358,15 @@ class Gateway:
 
     def _finish(self, row: dict[str, Any], t0: float, status: int, prompt: int | None, completion: int | None,
                 latency_ms: float | None, ttft_ms: float | None = None,
-                usage: dict[str, Any] | None = None) -> None:
+                usage: dict[str, Any] | None = None) -> asyncio.Future[None] | None:
+        """Meter the request; the future (see Meter.record) completes once its usage row is durable."""
         row.update(status_code=status, prompt_tokens=prompt, completion_tokens=completion,
                    latency_ms=latency_ms if latency_ms is not None else (time.perf_counter() - t0) * 1000.0,
                    ttft_ms=ttft_ms)
         ext = row.pop("_ext", None)
         if ext is not None:
             row.update(ext.meter_fields(usage))
-        self.meter.record(row)
+        return self.meter.record(row)
 
     # -- external endpoints and fallback ------------------------------------------------------------------
 
@@ -384,7 +391,7 @@ class Gateway:
         body, applied = cfg.shape(kind, payload)
         headers = {"x-llmhost-endpoint": row.get("endpoint") or route.name,
                    "x-llmhost-revision": (route.revision_hash or "")[:12], "x-llmhost-provider": cfg.provider,
-                   **(extra_headers or {})}
+                   "x-llmhost-request-id": row["request_id"], **(extra_headers or {})}
         if applied is not None and (applied.changed or applied.dropped):
             headers["x-llmhost-adjusted"] = "; ".join(applied.changed + applied.dropped)[:1000]
         send_headers = {"content-type": _JSON, "authorization": f"Bearer {key}",
@@ -414,6 +421,7 @@ class Gateway:
             obj = orjson.loads(data)
             usage = obj.get("usage") if isinstance(obj, dict) else None
         prompt, completion = usage_of({"usage": usage})
-        self._finish(row, t0, 200, prompt, completion, (time.perf_counter() - t0) * 1000.0, usage=usage)
+        await self.meter.durable(self._finish(row, t0, 200, prompt, completion, (time.perf_counter() - t0) * 1000.0,
+                                              usage=usage))
         headers["content-type"] = resp.content_type or _JSON
         return Response(data, status_code=200, headers=headers)

@@ -19,7 +19,10 @@ from gateway.upstream import UpstreamFailed, UpstreamResponse, UpstreamTimeout
 class Finisher(Protocol):
     def _finish(self, row: dict[str, Any], t0: float, status: int, prompt: int | None, completion: int | None,
                 latency_ms: float | None, ttft_ms: float | None = None,
-                usage: dict[str, Any] | None = None) -> None: ...
+                usage: dict[str, Any] | None = None) -> Any: ...
+
+    @property
+    def meter(self) -> Any: ...
 
 
 class StreamPassthrough(Response):
@@ -44,6 +47,7 @@ class StreamPassthrough(Response):
         self.ttft_ms: float | None = None
         self.status = 200
         self.complete = False
+        self.finished = False
 
     async def _events(self) -> AsyncIterator[bytes]:
         buf = b""
@@ -99,6 +103,8 @@ class StreamPassthrough(Response):
                 delivered = False
                 tg.start_soon(watch_disconnect)
                 async for piece in self._events():
+                    if piece.endswith(b"data: [DONE]\n\n"):
+                        await self._finish_durably()  # the client counts the answer complete at [DONE]
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
                     delivered = delivered or piece.endswith(b"data: [DONE]\n\n")
                     # aiohttp hands out buffered data without yielding, and uvicorn drops sends to a gone client
@@ -106,10 +112,20 @@ class StreamPassthrough(Response):
                     await anyio.lowlevel.checkpoint()
                 done = True
                 self.complete = self.status == 200  # a broken upstream connection is not reused
+                await self._finish_durably()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
         finally:
             self.upstream.close(complete=self.complete)
             self.release()
-            self.gw._finish(self.row, self.t0, self.status, self.prompt, self.completion, None, self.ttft_ms,
-                            usage=self.usage)
+            if not self.finished:  # the client went away: metered, with nobody left to wait for the journal
+                self.finished = True
+                self.gw._finish(self.row, self.t0, self.status, self.prompt, self.completion, None, self.ttft_ms,
+                                usage=self.usage)
+
+    async def _finish_durably(self) -> None:
+        """Meter once, and wait until the usage row is durable: before the answer's end leaves."""
+        if not self.finished:
+            self.finished = True
+            await self.gw.meter.durable(self.gw._finish(self.row, self.t0, self.status, self.prompt,
+                                                        self.completion, None, self.ttft_ms, usage=self.usage))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,11 @@ class Settings(BaseSettings):
         default=None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN)."
     )
     eval_concurrency: int = Field(default=8, gt=0, description="Concurrent requests of the eval runner.")
+    usage_journal: Literal["write", "fdatasync", "off"] = Field(
+        default="write", description="The gateway's usage journal: 'write' (a row is journaled before its answer "
+        "ends: survives a killed gateway), 'fdatasync' (also a power cut, one disk sync per group of requests), "
+        "'off' (batched only: a crash loses up to 0.5 s of usage).",
+    )
     alert_webhook_url: str | None = Field(
         default=None, description="Where the nightly-eval alerts POST (automations.yaml); unset: alerts go to an "
         "existing `llmhost-alerts` notification block, else nowhere.",

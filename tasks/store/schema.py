@@ -192,6 +192,9 @@ class UsageRecord(Base):
     reasoning_tokens: Mapped[int | None] = mapped_column(Integer)
     cost_usd: Mapped[float | None] = mapped_column(Float)
     fallback: Mapped[str | None] = mapped_column(String(200))
+    # Set by the gateway per answered request; unique so that a row written twice (journal replay after a crash,
+    # a retried flush) is stored once. NULL in rows from before it existed, which a unique index allows.
+    request_id: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class AuditEntry(Base):
@@ -286,6 +289,9 @@ def _add_missing_columns(engine: Engine) -> None:
                 if col.name not in have and col.nullable and not col.primary_key:
                     ddl = col.type.compile(dialect=engine.dialect)
                     c.execute(sql_text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}'))
+                    if col.unique:  # ADD COLUMN cannot carry UNIQUE on SQLite; an index does (NULLs allowed)
+                        c.execute(sql_text(f'CREATE UNIQUE INDEX IF NOT EXISTS "uq_{table.name}_{col.name}" '
+                                           f'ON {table.name} ("{col.name}")'))
 
 
 @contextmanager

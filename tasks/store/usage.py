@@ -17,17 +17,40 @@ from tasks.store.schema import UsageRecord, get_engine, session_scope
 
 USAGE_FIELDS = ("ts", "key_prefix", "user", "team", "endpoint", "adapter", "revision_id", "replica_id",
                 "route", "stream", "status_code", "prompt_tokens", "completion_tokens", "latency_ms",
-                "ttft_ms", "provider", "reasoning_tokens", "cost_usd", "fallback")
+                "ttft_ms", "provider", "reasoning_tokens", "cost_usd", "fallback", "request_id")
 
 
 def add_usage(records: Sequence[dict[str, Any]], *, engine: Engine | None = None) -> int:
-    """Insert usage rows in one statement (the gateway batches them off the request path)."""
-    if not records:
+    """Insert usage rows in one statement (the gateway batches them off the request path).
+
+    A row whose `request_id` is already stored is skipped, so the gateway may write a row twice (a journal
+    replayed after a crash, a flush retried after an unclear failure) and it still counts once.
+    """
+    rows = list({(r.get("request_id") or i): {k: r.get(k) for k in USAGE_FIELDS} for i, r in enumerate(records)}
+                .values())
+    if not rows:
         return 0
-    rows = [{k: r.get(k) for k in USAGE_FIELDS} for r in records]
+    engine = engine or get_engine()
     with session_scope(engine) as s:
-        s.execute(insert(UsageRecord), rows)
+        if engine.dialect.name in ("sqlite", "postgresql"):
+            s.execute(_insert_ignoring_duplicates(engine.dialect.name), rows)
+        else:
+            ids = [r["request_id"] for r in rows if r["request_id"]]
+            if ids:
+                have = set(s.execute(select(UsageRecord.request_id).where(UsageRecord.request_id.in_(ids)))
+                           .scalars())
+                rows = [r for r in rows if r["request_id"] not in have]
+            if rows:
+                s.execute(insert(UsageRecord), rows)
     return len(rows)
+
+
+def _insert_ignoring_duplicates(dialect: str) -> Any:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if dialect == "sqlite":
+        return sqlite.insert(UsageRecord).on_conflict_do_nothing()
+    return postgresql.insert(UsageRecord).on_conflict_do_nothing()
 
 
 def list_usage(*, endpoint: str | None = None, since: datetime | None = None, key_prefix: str | None = None,
