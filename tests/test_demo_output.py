@@ -123,7 +123,9 @@ def test_register_keeps_mlflow_in_the_log_file_and_stdout_clean_json(registered,
     log = _check_quiet(proc)
     assert log.parent == llmhost_home / "logs" and log.name.startswith("register-")
     assert json.loads(proc.stdout)["name"] == MODEL  # --json stays parseable: our lines go to stderr
-    assert "mlflow" in log.read_text()  # MLflow's own INFO lines were redirected, not lost
+    # MLflow's own log lines (its store's alembic migrations on a new state dir, its registry INFO lines) were
+    # redirected, not lost; which of them appear depends on what the state dir already holds.
+    assert re.search(r"^\S+ \S+ (INFO|WARNING) (mlflow|alembic)", log.read_text(), re.M), log.read_text()[-2000:]
 
 
 @pytest.mark.slow
