@@ -173,7 +173,11 @@ class VllmReplica:
         if rc is not None:
             raise RuntimeError(f"vLLM (pid {self.proc.pid if self.proc else '?'}) exited with code {rc}: "
                                f"{_last_error(self.log_path)}")
-        resp = await self.client.get("/health", timeout=10.0)
+        # A live vLLM that is slow to answer (its cores busy serving, or starting a sibling replica) is not a dead
+        # one: wait up to just under Serve's health_check_timeout_s (30 s) before declaring it failed. At load 12
+        # on 2 cores, with a 10 s limit, an endpoint lost its serving replicas for 5 minutes during a redeploy
+        # (inferred from its 503s, not seen in Serve's logs). A vLLM that exited is caught above at once.
+        resp = await self.client.get("/health", timeout=25.0)
         if resp.status_code != 200:
             raise RuntimeError(f"vLLM /health answered {resp.status_code}")
 
