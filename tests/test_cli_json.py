@@ -129,11 +129,13 @@ def test_usage_json(operated: dict[str, str], capsys):
     rows = run_json(["usage", "--endpoint", operated["endpoint"], "--since", "1h"], capsys)
     assert len(rows) == 1
     assert list(rows[0]) == ["endpoint", "user", "team", "key_prefix", "requests", "errors", "prompt_tokens",
-                             "completion_tokens", "avg_latency_ms", "avg_ttft_ms"]
+                             "completion_tokens", "avg_latency_ms", "avg_ttft_ms", "cost_usd", "reasoning_tokens",
+                             "fallback_requests"]
     r = rows[0]
     assert (r["user"], r["key_prefix"], r["requests"], r["errors"]) == (
         "a-user-with-a-very-long-name", operated["prefix"], 3, 1)
     assert r["prompt_tokens"] == 3 * 1_234_567 and r["avg_ttft_ms"] is None
+    assert (r["cost_usd"], r["fallback_requests"]) == (0, 0)  # self-hosted: no API spend, nothing fell back
 
 
 def test_endpoints_list_and_show_json(operated: dict[str, str], capsys):
@@ -237,7 +239,7 @@ def test_endpoints_list_keeps_each_replica_on_one_line(operated: dict[str, str],
     assert lines[first].startswith("support-route")  # the endpoint on the replica's line, shortened
     usage_out = run(["usage"], capsys)[1]
     # tokens shortened, the user cut with an ellipsis, the key prefix whole
-    assert "a-user-wi…" in usage_out and operated["prefix"] in usage_out and "3.7M/267" in usage_out
+    assert "a-user-…" in usage_out and operated["prefix"] in usage_out and "3.7M/267" in usage_out
 
 
 # ---------------------------------------------------------------------------------------------- help
