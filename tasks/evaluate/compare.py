@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, Field
 
 from tasks.core.errors import EvalError
-from tasks.evaluate.cost import ApiPrice, CostReport, TierPrice, cost_report, mix_of, throughput_of
+from tasks.evaluate.cost import (
+    ApiPrice,
+    CostReport,
+    cost_report,
+    mix_of,
+    throughput_of,
+    tier_hourly_price,
+    tier_price,
+)
 from tasks.evaluate.failures import ErrorGroup
 from tasks.evaluate.metric_specs import (
     Classification,
@@ -25,7 +31,6 @@ from tasks.evaluate.metrics import ScoreColumn
 from tasks.evaluate.runner import RunResult, RunStats
 from tasks.evaluate.suite import EvalSuite, Thresholds
 from tasks.evaluate.targets import Pricing
-from tasks.size.io import load_tiers
 
 N_BOOT = 2000
 LEVEL = 0.95  # the level of every interval a comparison reports
@@ -131,43 +136,6 @@ def frontier_cost(stats: RunStats, pricing: Pricing) -> CostEstimate:
         f"${pricing.price_in_per_1m}/${pricing.price_out_per_1m} per 1M (prices of {pricing.prices_as_of})",
         assumptions=["list prices; no batch or cached-input discounts"],
     )
-
-
-def tier_hourly_price(tier: str, path: Path | None = None) -> float:
-    """Hourly USD price of `tier`: the sizing catalog (tasks/size/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
-    if path is None:
-        tiers = {t.name: t for t in load_tiers()}
-        if tier not in tiers:
-            raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
-        return float(tiers[tier].price_per_hour)
-    if not path.is_file():
-        raise EvalError(f"tier={tier!r}: no tier catalog at {path}; pass --hourly-price USD instead")
-    raw = yaml.safe_load(path.read_text()) or {}
-    entries: Any = raw.get("tiers", raw) if isinstance(raw, dict) else raw
-    if isinstance(entries, dict):
-        entries = [{"name": k, **(v or {})} for k, v in entries.items()]
-    for e in entries or []:
-        if isinstance(e, dict) and e.get("name") == tier:
-            for key in ("price_per_hour", "hourly_price_usd", "usd_per_hour"):
-                if e.get(key) is not None:
-                    return float(e[key])
-            raise EvalError(f"tier={tier!r} in {path} has no price_per_hour; pass --hourly-price USD")
-    names = [e.get("name") for e in entries or [] if isinstance(e, dict)]
-    raise EvalError(f"tier={tier!r} is not in {path}; known tiers: {names}")
-
-
-def tier_price(tier: str | None, hourly_price: float | None) -> TierPrice | None:
-    """The self-hosted side's price: the catalog tier (with its instance and source), or the given hourly price."""
-    if hourly_price is not None:
-        return TierPrice(tier=tier or "given hourly price", hourly_usd=hourly_price)
-    if not tier:
-        return None
-    tiers = {t.name: t for t in load_tiers()}
-    if tier not in tiers:
-        raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
-    t = tiers[tier]
-    return TierPrice(tier=t.name, hourly_usd=t.price_per_hour, instance=t.instance, source=t.price_source,
-                     as_of=t.prices_as_of)
 
 
 def cost_comparison(

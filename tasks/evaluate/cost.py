@@ -34,6 +34,49 @@ class TierPrice(BaseModel):
     as_of: date | None = None
 
 
+def _catalog_tier(tier: str) -> Any:
+    """The sizing catalog's tier (tasks/size/tiers.yaml + LLMHOST_TIERS_FILE); one line naming the known ones."""
+    from tasks.size.io import load_tiers
+
+    tiers = {t.name: t for t in load_tiers()}
+    if tier not in tiers:
+        raise EvalError(f"tier={tier!r} is not in the tier catalog; known tiers: {sorted(tiers)}")
+    return tiers[tier]
+
+
+def tier_price(tier: str | None, hourly_price: float | None) -> TierPrice | None:
+    """The self-hosted side's price: the catalog tier (with its instance and source), or the given hourly price."""
+    if hourly_price is not None:
+        return TierPrice(tier=tier or "given hourly price", hourly_usd=hourly_price)
+    if not tier:
+        return None
+    t = _catalog_tier(tier)
+    return TierPrice(tier=t.name, hourly_usd=t.price_per_hour, instance=t.instance, source=t.price_source,
+                     as_of=t.prices_as_of)
+
+
+def tier_hourly_price(tier: str, path: Path | None = None) -> float:
+    """Hourly USD price of `tier`: the sizing catalog (tasks/size/tiers.yaml + LLMHOST_TIERS_FILE), or `path`."""
+    if path is None:
+        return float(_catalog_tier(tier).price_per_hour)
+    import yaml
+
+    if not path.is_file():
+        raise EvalError(f"tier={tier!r}: no tier catalog at {path}; pass --hourly-price USD instead")
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries: Any = raw.get("tiers", raw) if isinstance(raw, dict) else raw
+    if isinstance(entries, dict):
+        entries = [{"name": k, **(v or {})} for k, v in entries.items()]
+    for e in entries or []:
+        if isinstance(e, dict) and e.get("name") == tier:
+            for key in ("price_per_hour", "hourly_price_usd", "usd_per_hour"):
+                if e.get(key) is not None:
+                    return float(e[key])
+            raise EvalError(f"tier={tier!r} in {path} has no price_per_hour; pass --hourly-price USD")
+    names = [e.get("name") for e in entries or [] if isinstance(e, dict)]
+    raise EvalError(f"tier={tier!r} is not in {path}; known tiers: {names}")
+
+
 class ApiPrice(BaseModel):
     """A frontier API's list prices (USD per 1M tokens)."""
 
