@@ -158,7 +158,8 @@ class Gateway:
 
     async def _probe(self, replicas: list[ReplicaRoute]) -> None:
         assert self.client is not None
-        await probe_all(self.client, self.pool, replicas, self.settings.connect_timeout_s, self._on_health)
+        await probe_all(self.client, self.pool, replicas, self.settings.connect_timeout_s, self._on_health,
+                        self.settings.health_slow_probes)
 
     async def _health_loop(self) -> None:
         while True:

@@ -22,6 +22,14 @@ class ReplicaStatus:
     healthy: bool | None = None
     last_error: str | None = None
     served: int = 0
+    slow_probes: int = 0  # consecutive /health probes that timed out
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    error: str | None = None
+    timed_out: bool = False
 
 
 def root_url(base_url: str) -> str:
@@ -43,24 +51,22 @@ class ReplicaPool:
         return st
 
     def pick(self, route: EndpointRoute, exclude: Iterable[int] = ()) -> ReplicaRoute | None:
-        """The healthy (or not yet probed) replica with the fewest requests in flight; ties rotate."""
-        best: ReplicaRoute | None = None
-        best_load = 1 << 30
+        """The healthy (or not yet probed) replica with the fewest requests in flight; ties rotate.
+
+        When the probes mark every replica left down, try those anyway (Envoy's "panic" routing): a probe
+        verdict can be stale or wrong (a /health that timed out on a saturated CPU while requests were being
+        answered), and a replica that is really gone refuses the connection at once, which excludes it for
+        this request and ends in the 503 all the same.
+        """
         n = len(route.replicas)
         if n == 0:
             return None
         self._rr = (self._rr + 1) % n
         excluded = set(exclude)
-        for i in range(n):
-            r = route.replicas[(self._rr + i) % n]
-            if r.id in excluded:
-                continue
-            st = self._st(r.id)
-            if st.healthy is False:
-                continue
-            if st.outstanding < best_load:
-                best, best_load = r, st.outstanding
-        return best
+        order = [route.replicas[(self._rr + i) % n] for i in range(n)]
+        left = [r for r in order if r.id not in excluded]
+        healthy = [r for r in left if self._st(r.id).healthy is not False]
+        return min(healthy or left, key=lambda r: self._st(r.id).outstanding, default=None)
 
     def acquire(self, replica_id: int) -> None:
         st = self._st(replica_id)
@@ -76,18 +82,39 @@ class ReplicaPool:
         st = self._st(replica_id)
         changed = st.healthy is not healthy
         st.healthy, st.last_error = healthy, (None if healthy else error)
+        if healthy:
+            st.slow_probes = 0
         return changed
 
+    def mark_probe(self, replica_id: int, result: ProbeResult, slow_threshold: int) -> bool:
+        """Record a /health probe; True when the replica's health changed.
 
-async def probe(client: httpx.AsyncClient, replica: ReplicaRoute,
-                timeout_s: float) -> tuple[bool, str | None]:
+        A refused connection or a non-200 answer is definite: down at once. A probe that timed out only says
+        the replica was slow to answer /health (a busy CPU replica often is), so it takes `slow_threshold`
+        timeouts in a row, as Kubernetes' failureThreshold does.
+        """
+        if result.ok:
+            return self.mark(replica_id, True)
+        st = self._st(replica_id)
+        if result.timed_out:
+            st.slow_probes += 1
+            if st.slow_probes < slow_threshold and st.healthy is not False:
+                return False
+        return self.mark(replica_id, False, result.error)
+
+
+
+async def probe(client: httpx.AsyncClient, replica: ReplicaRoute, timeout_s: float) -> ProbeResult:
     try:
         resp = await client.get(root_url(replica.base_url) + "/health", timeout=timeout_s)
+    except httpx.TimeoutException as exc:
+        return ProbeResult(False, f"/health did not answer within {timeout_s:g}s ({type(exc).__name__})",
+                           timed_out=True)
     except httpx.HTTPError as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+        return ProbeResult(False, f"{type(exc).__name__}: {exc}")
     if resp.status_code != 200:
-        return False, f"/health answered {resp.status_code}"
-    return True, None
+        return ProbeResult(False, f"/health answered {resp.status_code}")
+    return ProbeResult(True)
 
 
 async def probe_all(
@@ -96,11 +123,13 @@ async def probe_all(
     replicas: Iterable[ReplicaRoute],
     timeout_s: float,
     on_change: Callable[[ReplicaRoute, bool, str | None], None] | None = None,
+    slow_threshold: int = 3,
 ) -> None:
     reps = {r.id: r for r in replicas}
     results = await asyncio.gather(*(probe(client, r, timeout_s) for r in reps.values()))
-    for r, (ok, err) in zip(reps.values(), results, strict=True):
-        if pool.mark(r.id, ok, err):
+    for r, res in zip(reps.values(), results, strict=True):
+        ok, err = res.ok, res.error
+        if pool.mark_probe(r.id, res, slow_threshold):
             log.log(logging.INFO if ok else logging.WARNING, "replica %s (%s) is %s%s", r.name, r.base_url,
                     "up" if ok else "down", f": {err}" if err else "")
             if on_change is not None:

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Gateway -> replica connect timeout.")
     read_timeout_s: float = Field(default=300.0, gt=0, description="Gateway -> replica read timeout.")
     health_interval_s: float = Field(default=5.0, gt=0, description="Gateway replica health probe period.")
+    health_slow_probes: int = Field(
+        default=3, gt=0, description="Timed-out /health probes in a row before the gateway marks a replica down "
+        "(a refused connection or a non-200 answer marks it down at once).",
+    )
     hf_token_secret_block: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding the HF token (else HF_TOKEN)."
     )
