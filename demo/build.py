@@ -250,6 +250,15 @@ def default_demo_dir() -> Path:
     return get_settings().home_abs / "demo"
 
 
+def demo_cache_dir() -> Path:
+    """Where the demo model (and the frontier stand-in) are built: LLMHOST_DEMO_CACHE, which lets tests and CI
+    share one build across state dirs, else the state dir's demo/."""
+    import os
+
+    cache = os.environ.get("LLMHOST_DEMO_CACHE")
+    return Path(cache) if cache else default_demo_dir()
+
+
 if __name__ == "__main__":
     res = build_demo_model(default_demo_dir())
     print(res.model_dump_json(indent=2))

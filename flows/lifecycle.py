@@ -21,11 +21,13 @@ from flows.tasks import (
     promote_task,
     register_model_cached,
     size_task,
+    standin_task,
 )
 from tasks.core import quiet
 from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
 from tasks.evaluate.compare import Comparison, Verdict
+from tasks.evaluate.report import verdict_lines
 from tasks.finetune import trainable_base
 from tasks.promote import decide, mark_challenger
 from tasks.register import resolve_model_ref
@@ -82,13 +84,17 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         timed("deploy", deploy_task, spec)
 
         champion_target = f"endpoint:{spec.name}"
-        ok, summary.frontier = support.frontier_available(params.frontier)
-        if ok and params.frontier:
-            front = timed("evaluate-frontier", compare_task, params.suite, champion_target, params.frontier,
+        frontier = params.frontier
+        if frontier is None and params.frontier_standin:
+            frontier = timed("frontier-standin", standin_task, spec.name, params.standin_steps).frontier
+        ok, summary.frontier = support.frontier_available(frontier)
+        if ok and frontier:
+            front = timed("evaluate-frontier", compare_task, params.suite, champion_target, frontier,
                           limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                           artifact_key="lifecycle-eval")
             support.attach_runs(parent, list(front.run_ids.values()))
             summary.frontier_verdict = _verdict_line(front.comparison.verdict)
+            summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
         else:
             log.warning(summary.frontier)
 
@@ -108,6 +114,15 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         cmp = cmp_out.comparison
         summary.tuned_score, summary.base_score = _primary_score(cmp, summary.metric)
         summary.verdict = _verdict_line(cmp.verdict)
+
+        if ok and frontier:
+            # The same frontier run again, now against the tuned candidate: the question the project answers.
+            cand_front = timed("candidate-vs-frontier", compare_task, params.suite, f"{champion_target}:{adapter}",
+                               frontier, limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
+                               artifact_key="lifecycle-eval")
+            support.attach_runs(parent, list(cand_front.run_ids.values()))
+            summary.candidate_frontier_verdict = _verdict_line(cand_front.comparison.verdict)
+            summary.frontier_lines += verdict_lines(f"candidate v{ft.registered_version}", cand_front.comparison)
 
         decision = decide(cmp, params.policy)
         create_markdown_artifact(decision.markdown(), key="lifecycle-promotion", description="Promotion decision")

@@ -15,6 +15,11 @@ class LifecycleParams(BaseModel):
     endpoint_spec: str = Field(default="deployments/demo.yaml", description="Endpoint spec YAML.")
     suite: str = Field(default="demo_routing", description="Eval suite for champion/candidate/frontier.")
     frontier: str | None = Field(default=None, description="e.g. frontier:gpt-4o-mini; skipped without its key.")
+    frontier_standin: bool = Field(
+        default=False, description="With no `frontier`: compare with the demo's frontier stand-in (local), a "
+        "stronger model served by the endpoint's vLLM and priced as gpt-4o-mini (demo/standin.py).",
+    )
+    standin_steps: int | None = Field(default=None, ge=1, description="The stand-in's training steps (default 2000).")
     finetune_config: str = Field(default="demo/finetune.yaml", description="FinetuneConfig YAML.")
     finetune_max_steps: int | None = Field(default=None, ge=1, description="Override the config's max_steps.")
     eval_limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N examples.")
@@ -37,6 +42,10 @@ class LifecycleSummary(BaseModel):
     metric: str = "accuracy"
     frontier: str = ""
     frontier_verdict: str | None = Field(default=None, description="Champion vs frontier: READY TO REPLACE / NOT YET.")
+    candidate_frontier_verdict: str | None = Field(default=None, description="Tuned candidate vs frontier.")
+    frontier_lines: list[str] = Field(
+        default_factory=list, description="Both frontier comparisons: gap with its CI, latency, $/1M, break-even."
+    )
     verdict: str | None = Field(default=None, description="Candidate vs champion on the suite's own tolerances.")
     promoted: bool = False
     decision: str = ""
@@ -52,7 +61,8 @@ class LifecycleSummary(BaseModel):
             + (f", candidate v{self.candidate}" if self.candidate else ""),
             f"{self.metric}: base {_f(self.base_score)} -> tuned {_f(self.tuned_score)}",
             f"frontier: {self.frontier}" + (f"; champion vs frontier: {self.frontier_verdict}"
-                                            if self.frontier_verdict else ""),
+                                            if self.frontier_verdict and not self.frontier_lines else ""),
+            *self.frontier_lines,
             f"suite verdict (candidate vs champion, suite tolerances): {self.verdict or 'n/a'}",
             f"promoted: {'yes' if self.promoted else 'no'} ({self.decision})",
             f"endpoint: {self.gateway_url}/v1 model={self.endpoint}",

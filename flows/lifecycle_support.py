@@ -33,7 +33,7 @@ def frontier_available(frontier: str | None) -> tuple[bool, str]:
         target.api_key()
     except Exception as exc:
         return False, f"skipped the frontier comparison: {exc}"
-    return True, f"comparing against {frontier}"
+    return True, f"comparing against {target.label}"
 
 
 def finetune_config_for(path: str, champion_ref: str, max_steps: int | None) -> FinetuneConfig:

@@ -14,6 +14,7 @@ from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
+from demo.standin import DEFAULT_STEPS, StandinServed, serve_standin
 from flows.caching import CACHE_FOR, finetune_key, register_key
 from flows.gateway import service_key
 from tasks.core.errors import DeployError
@@ -163,6 +164,13 @@ def compare_task(suite: str, candidate: str, baseline: str, *, concurrency: int 
     return ComparisonRun(suite=loaded.suite.name, targets=[candidate, baseline], run_ids=outcome.run_ids,
                           verdict=v.headline, recommendation=v.recommendation, report_markdown=outcome.markdown,
                           comparison=outcome.comparison)
+
+
+@step_task("frontier-standin", retries=1, retry_delay_seconds=5)
+def standin_task(endpoint: str, steps: int | None = None) -> StandinServed:
+    """The demo's frontier stand-in (local): built once per machine, served by `endpoint`'s vLLM as one more
+    model, and entered in the frontier catalog priced as a hosted API (demo/standin.py)."""
+    return serve_standin(endpoint, steps=steps or DEFAULT_STEPS, log=lambda _m: None)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tune

@@ -149,6 +149,12 @@ def finetune_runs() -> int:
     return len(client.search_runs(exps)) if exps else 0
 
 
+STANDIN_KEY_ENV = "LLMHOST_STANDIN_KEY"
+STANDIN_SECRET = "sk-standin-secret-9d2e7b41"  # noqa: S105 - a test value that must appear nowhere afterwards
+STANDIN_TEST_STEPS = 40
+LIFECYCLE_EVAL_LIMIT = 80  # four comparisons in the resumed run; 80 examples tell 0.0 from 0.9 apart
+
+
 @dataclass
 class LifecycleRun:
     """What one lifecycle on the demo model did: a run that failed after fine-tuning, then the resumed run."""
@@ -161,6 +167,7 @@ class LifecycleRun:
     aliases_after: dict[str, str]
     rerun_wall_s: float
     summary: Any
+    rerun_started_at: float  # time.time() when the resumed run (the one with the frontier branch) began
     promote_links: dict[str, Any] | None  # the lifecycle's `promote` audit entry, if it promoted
 
 
@@ -185,11 +192,20 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
         after_failure = finetune_runs()
         champion_before = current_aliases("demo")["champion"]
         t0 = time.monotonic()
-        summary = lifecycle(LifecycleParams())
+        started_at = time.time()
+        # The resumed run takes the frontier branch against the demo's stand-in (trained briefly here: the test
+        # is about the branch, not the stand-in's strength), with a "frontier key" set that must leak nowhere.
+        os.environ[STANDIN_KEY_ENV] = STANDIN_SECRET
+        try:
+            summary = lifecycle(LifecycleParams(frontier_standin=True, standin_steps=STANDIN_TEST_STEPS,
+                                                eval_limit=LIFECYCLE_EVAL_LIMIT))
+        finally:
+            os.environ.pop(STANDIN_KEY_ENV, None)
         wall = time.monotonic() - t0
         promoted = [e for e in audit.entries(action="promote") if e.subject == "model:demo"]
         # Read now: later modules register `demo` again and point its champion alias elsewhere.
         return LifecycleRun(failure=failure, runs_before=before, runs_after_failure=after_failure,
                             runs_after_rerun=finetune_runs(), champion_before=champion_before,
                             aliases_after=current_aliases("demo"), rerun_wall_s=wall, summary=summary,
+                            rerun_started_at=started_at,
                             promote_links=json.loads(promoted[-1].links) if summary.promoted and promoted else None)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LifecycleRun, gateway_port_env
+from conftest import STANDIN_SECRET, LifecycleRun, gateway_port_env
 
 from tasks.core.settings import PROJECT_ROOT
 from tasks.serving.local import free_port
@@ -40,13 +40,13 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: 
     assert run.runs_after_rerun == run.runs_after_failure
     summary = run.summary
     steps = {t.step: t.seconds for t in summary.timings}
-    assert {"register", "size", "deploy", "fine-tune", "redeploy", "compare"} <= set(steps)
+    assert {"register", "size", "deploy", "frontier-standin", "evaluate-frontier", "fine-tune", "redeploy", "compare",
+            "candidate-vs-frontier"} <= set(steps)
     print(f"\nlifecycle rerun wall {run.rerun_wall_s:.0f}s; steps {steps}\n{summary.text()}")
 
     assert summary.base_score is not None and summary.tuned_score is not None
     assert summary.decision, "a promotion decision is always explained"
     assert summary.verdict and summary.verdict.startswith(("READY TO REPLACE", "NOT YET")), summary.text()
-    assert summary.frontier_verdict is None  # no frontier in the tests: champion vs frontier is not claimed
     # The policy, not the test, decides: promoted only with a gain, and the aliases follow the decision.
     LIFECYCLE["summary"] = summary.text()
     LIFECYCLE["promoted"] = summary.promoted
@@ -61,7 +61,87 @@ def test_failed_step_stops_the_flow_and_rerun_resumes_from_cache(lifecycle_run: 
     else:
         assert run.aliases_after == {"champion": run.champion_before, "challenger": summary.candidate}, (
             summary.text())
-    assert "skipped the frontier" in summary.frontier or "no frontier" in summary.frontier
+
+
+
+def test_frontier_branch_compares_champion_and_candidate_with_the_labelled_standin(lifecycle_run: LifecycleRun):
+    """The lifecycle's frontier branch, against the demo's frontier stand-in (local) priced as gpt-4o-mini."""
+    import mlflow
+
+    from demo.standin import CATALOG_NAME, SERVED_NAME
+    from tasks.core.settings import get_settings
+    from tasks.evaluate.targets import load_frontiers
+
+    summary = lifecycle_run.summary
+    assert "frontier stand-in (local)" in summary.frontier and "gpt-4o-mini" in summary.frontier, summary.frontier
+    for verdict in (summary.frontier_verdict, summary.candidate_frontier_verdict):
+        assert verdict and verdict.startswith(("READY TO REPLACE", "NOT YET")), summary.text()
+    text = summary.text()
+    champion_line = next(ln for ln in summary.frontier_lines if ln.startswith("champion v"))
+    candidate_line = next(ln for ln in summary.frontier_lines if ln.startswith(f"candidate v{summary.candidate}"))
+    for line in (champion_line, candidate_line):
+        assert f"frontier:{CATALOG_NAME} (frontier stand-in (local), priced as gpt-4o-mini)" in line, line
+    # Each comparison: the gap with its CI, the latency ratio, $ per 1M output tokens both ways, break-even.
+    for who in ("champion v", f"candidate v{summary.candidate}"):
+        block = "\n".join(_block(summary.frontier_lines, who))
+        assert "gap " in block and "(95% CI " in block and "latency p95:" in block, block
+        assert "$ per 1M output tokens: self-hosted $" in block and "vs API $" in block, block
+        assert "break-even: " in block and "tokens/day" in block, block
+    assert all(ln in text for ln in summary.frontier_lines)
+
+    # The catalog entry the demo wrote: priced as gpt-4o-mini, pointing at the endpoint's own vLLM.
+    entry = load_frontiers()[CATALOG_NAME]
+    api = load_frontiers()["gpt-4o-mini"]
+    assert entry.standin_for == "gpt-4o-mini" and entry.model == SERVED_NAME
+    assert (entry.price_in_per_1m, entry.price_out_per_1m) == (api.price_in_per_1m, api.price_out_per_1m)
+    models = httpx.get(entry.base_url + "/models", timeout=30).json()["data"]
+    assert SERVED_NAME in {m["id"] for m in models}
+
+    # Both comparisons are MLflow runs that priced the stand-in as the API and logged the break-even volume.
+    client = mlflow.MlflowClient(get_settings().mlflow_uri)
+    compared = [r for exp in client.search_experiments() for r in client.search_runs(
+        [exp.experiment_id], "tags.`llmhost.kind` = 'eval-comparison'", max_results=200)
+        if r.data.params.get("baseline") == f"frontier:{CATALOG_NAME}"]
+    assert len(compared) >= 2, [r.data.params for r in compared]
+    assert all("api_usd_per_1m_out" in r.data.metrics and "break_even_tokens_per_day" in r.data.metrics
+               for r in compared), [r.data.metrics for r in compared]
+
+
+def _block(lines: list[str], head: str) -> list[str]:
+    """The line starting with `head` and the indented lines under it."""
+    i = next(i for i, ln in enumerate(lines) if ln.startswith(head))
+    block = [lines[i]]
+    for ln in lines[i + 1:]:
+        if not ln.startswith("  "):
+            break
+        block.append(ln)
+    return block
+
+
+def test_the_frontier_key_appears_nowhere_after_the_run(lifecycle_run: LifecycleRun, llmhost_home: Path):
+    """The resumed run had the stand-in's key variable set: its value is in no file of the state dir (store,
+    MLflow database with its traces, artifacts, logs), nor in the Prefect database or the results it wrote."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    places: list[Path] = [llmhost_home]
+    storage = Path(settings.results.local_storage_path).expanduser()
+    db_url = settings.server.database.connection_url
+    db = db_url.get_secret_value() if db_url is not None and hasattr(db_url, "get_secret_value") else str(db_url)
+    if db and db.startswith("sqlite"):
+        places.append(Path(db.split("///", 1)[1]))
+    checked = 0
+    for place in places:
+        files = [place] if place.is_file() else [p for p in place.rglob("*") if p.is_file()]
+        for f in files:
+            assert STANDIN_SECRET.encode() not in f.read_bytes(), f"the frontier key leaked into {f}"
+            checked += 1
+    if storage.is_dir():  # shared by every run on this machine: the results written since the run began
+        for f in storage.rglob("*"):
+            if f.is_file() and f.stat().st_mtime >= lifecycle_run.rerun_started_at - 1:
+                assert STANDIN_SECRET.encode() not in f.read_bytes(), f"the frontier key leaked into {f}"
+                checked += 1
+    assert checked > 10, places
 
 
 def test_champion_serves_the_endpoint_through_the_gateway(gateway_port):

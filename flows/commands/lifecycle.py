@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo_cmd(
-        frontier: str | None = typer.Option(None, help="Frontier target to compare against, if its key is set."),
+        frontier: str | None = typer.Option(
+            None, help="A real frontier to compare with, e.g. frontier:gpt-4o-mini (its key set). Default: the "
+            "demo's frontier stand-in (local), a stronger model served beside the champion, priced as gpt-4o-mini."),
         max_p95_s: float = typer.Option(3.0, min=0.001, help="Latency SLO the candidate must meet (p95, s)."),
     ) -> None:
         """The whole lifecycle on the demo model, then a key to call the endpoint with."""
@@ -56,7 +58,7 @@ def register(app: typer.Typer) -> None:
         policy = PromotionPolicy(max_latency_p95_ratio=None, max_latency_p95_s=max_p95_s)
         console.print(f"promotion policy: accuracy must improve at 95% confidence, other metrics may drop "
                       f"<= {policy.guard_others}, candidate latency p95 <= {max_p95_s:g} s")
-        summary = _run_lifecycle(LifecycleParams(frontier=frontier, policy=policy))
+        summary = _run_lifecycle(LifecycleParams(frontier=frontier, frontier_standin=frontier is None, policy=policy))
         created = store.create_key("demo-user", team="ml-platform", description="make demo", actor="demo")
         console.rule("llmhost demo")
         console.print(summary.text())

@@ -154,7 +154,7 @@ def cost_comparison(
     h, a = hosted[0], apis[0]
     p = a.target.pricing
     assert p is not None
-    api = ApiPrice(name=a.target.spec, price_in_per_1m=p.price_in_per_1m, price_out_per_1m=p.price_out_per_1m,
+    api = ApiPrice(name=a.target.label, price_in_per_1m=p.price_in_per_1m, price_out_per_1m=p.price_out_per_1m,
                    as_of=p.prices_as_of)
     # The API bills the tokens it counts; its own usage gives the mix (reasoning tokens are output).
     mix = mix_of(a.stats) or mix_of(h.stats)
@@ -435,7 +435,7 @@ def compare(
         narrow_task=narrow,
         candidate_precision=candidate_precision,
         failed_runs=[
-            f"{r.target.spec}: {r.stats.n_failed}/{r.stats.n} examples failed (error rate "
+            f"{r.target.label}: {r.stats.n_failed}/{r.stats.n} examples failed (error rate "
             f"{r.stats.error_rate:.2f} > max_error_rate {suite.thresholds.max_error_rate:g}); "
             + "; ".join(g.line() for g in r.error_groups)
             for r in (candidate, baseline)
@@ -457,7 +457,7 @@ def compare(
 
 def _side(r: RunResult, cost: CostEstimate) -> RunSide:
     return RunSide(
-        target=r.target.spec,
+        target=r.target.label,
         model=r.target.model,
         stats=r.stats,
         cost=cost,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.evaluate.compare import N_BOOT, Comparison, Interval, PassCheck, RunSide, pass_checks, summarize
+from tasks.evaluate.cost import human_tokens, usd
 from tasks.evaluate.failures import ErrorGroup, run_failed_line
 from tasks.evaluate.runner import RunResult, RunStats
 from tasks.evaluate.suite import EvalSuite
@@ -210,3 +211,35 @@ def render_run_markdown(suite: EvalSuite, target: str, result: RunResult) -> str
     lines += [f"- error: {e}" for e in error_lines(result.error_groups)]
     lines += [f"- params {r}" for r in rules_lines(result.request_rules)]
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(who: str, cmp: Comparison) -> list[str]:
+    """A comparison in a few console lines: the verdict with its gap and 95% CI, latency, $ and break-even.
+
+    `who` names the candidate side (e.g. "base v1"); the baseline is named by its report label, which for a
+    local stand-in says so.
+    """
+    v, c, b = cmp.verdict, cmp.candidate, cmp.baseline
+    head = v.headline if v.ready else f"{v.headline} ({'; '.join(v.reasons[:2])})"
+    out = [f"{who} vs {b.target}: {head}"]
+    m = next((x for x in cmp.metrics if x.name == cmp.primary), None)
+    if m is not None and np.isfinite(m.diff.value):
+        out.append(f"  {m.name}: {m.candidate.value:.3f} vs {m.baseline.value:.3f}, gap {m.diff.value:+.3f} "
+                   f"(95% CI {m.diff.low:+.3f} to {m.diff.high:+.3f}, n={m.diff.n})")
+    cl, bl = c.stats.latency_p95_s, b.stats.latency_p95_s
+    if cl is not None and bl is not None and bl > 0:
+        out.append(f"  latency p95: {cl:.2f}s vs {bl:.2f}s ({cl / bl:.2f}x)")
+    if cmp.cost is not None:
+        k = cmp.cost
+        out.append(f"  $ per 1M output tokens: self-hosted {usd(k.self_per_1m_out_eval)} on tier {k.tier.tier} "
+                   f"(${k.tier.hourly_usd:g}/h, eval throughput) vs API {usd(k.api_per_1m_out)}")
+        if k.break_even_tokens_per_day is not None:
+            line = f"  break-even: {human_tokens(k.break_even_tokens_per_day)} tokens/day"
+            if k.reachable is False:
+                line += (f"; one replica serves at most {human_tokens(k.capacity_tokens_per_day)}/day, so the "
+                         "API is cheaper at any volume")
+            elif k.capacity_tokens_per_day is not None:
+                line += (f"; above it self-hosting is cheaper (one replica serves up to "
+                         f"{human_tokens(k.capacity_tokens_per_day)}/day)")
+            out.append(line)
+    return out

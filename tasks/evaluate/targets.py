@@ -55,6 +55,14 @@ class FrontierEntry(BaseModel):
     )
     rpm: int | None = Field(default=None, gt=0, description="Client-side limit: requests per minute.")
     tpm: int | None = Field(default=None, gt=0, description="Client-side limit: tokens per minute.")
+    standin_for: str | None = Field(
+        default=None, description="Set on a model served locally in place of this hosted API (the demo's "
+        "stand-in): it is priced as that API, every report line names it 'frontier stand-in (local)', and its "
+        "key variable may be unset (a local vLLM takes any key).",
+    )
+
+
+STANDIN_LABEL = "frontier stand-in (local)"
 
 
 class Pricing(BaseModel):
@@ -79,6 +87,7 @@ class ResolvedTarget(BaseModel):
     dialects: dict[str, Dialect] = Field(default_factory=dict, description="The catalog's dialects.")
     rpm: int | None = None
     tpm: int | None = None
+    standin_for: str | None = Field(default=None, description="The hosted API a local stand-in is priced as.")
 
     @property
     def self_hosted(self) -> bool:
@@ -86,6 +95,9 @@ class ResolvedTarget(BaseModel):
 
     @property
     def label(self) -> str:
+        """The spec, and for a local stand-in what it stands in for, so no report presents it as hosted."""
+        if self.standin_for:
+            return f"{self.spec} ({STANDIN_LABEL}, priced as {self.standin_for})"
         return self.spec
 
     def api_key(self, gateway_key: str | None = None) -> str:
@@ -99,6 +111,8 @@ class ResolvedTarget(BaseModel):
         if self.api_key_env is None:
             return os.environ.get(URL_KEY_ENV, "EMPTY")
         value = os.environ.get(self.api_key_env)
+        if not value and self.standin_for:
+            return "EMPTY"  # a local stand-in's vLLM takes any key
         if not value:
             hint = (
                 "create a gateway key (llmhost keys create) and export it"
@@ -128,12 +142,15 @@ def _read_section(path: Path, section: str, model: type[BaseModel]) -> dict[str,
 
 
 def _catalog_files(extra: Path | None) -> list[Path]:
-    paths = (FRONTIERS_FILE, get_settings().home_abs / "frontiers.yaml", extra)
+    home = get_settings().home_abs
+    drop_ins = sorted((home / "frontiers.d").glob("*.yaml")) if (home / "frontiers.d").is_dir() else []
+    paths = (FRONTIERS_FILE, home / "frontiers.yaml", *drop_ins, extra)
     return [Path(p) for p in paths if p is not None and Path(p).is_file()]
 
 
 def load_frontiers(extra: Path | None = None) -> dict[str, FrontierEntry]:
-    """Shipped catalog, then $LLMHOST_HOME/frontiers.yaml, then `extra`; later files win per entry."""
+    """Shipped catalog, $LLMHOST_HOME/frontiers.yaml, its frontiers.d/*.yaml drop-ins (the demo writes its
+    stand-in there), then `extra`; later files win per entry."""
     catalog: dict[str, FrontierEntry] = {}
     for path in _catalog_files(extra):
         catalog.update(_read_section(path, "frontiers", FrontierEntry))
@@ -185,6 +202,7 @@ def resolve_target(spec: str, *, frontiers_file: Path | None = None) -> Resolved
             dialects=load_dialects(frontiers_file),
             rpm=e.rpm,
             tpm=e.tpm,
+            standin_for=e.standin_for,
         )
     if kind == "url" and "#" in rest:
         base, _, model = rest.rpartition("#")
