@@ -35,6 +35,7 @@ PRICED_AS = "gpt-4o-mini"
 KEY_ENV = "LLMHOST_STANDIN_KEY"  # optional: the local vLLM takes any key
 DEFAULT_STEPS = 2000  # the lifecycle's fine-tune runs 1,500 steps on half as many tool rows
 TOOLS_REPEAT = 4  # the lifecycle's fine-tune repeats them twice
+RECIPE_VERSION = "1"  # bump when the training changes in a way the config does not show
 
 
 class StandinBuild(BaseModel):
@@ -72,7 +73,7 @@ def _key(base: BuildResult, cfg: Any) -> str:
     h.update(cfg.model_dump_json(exclude={"train", "progress"}).encode())
     for src in cfg.train:
         h.update(f"{src.repeat}:".encode() + Path(src.path).read_bytes())
-    h.update(Path(__file__).read_bytes())
+    h.update(RECIPE_VERSION.encode())
     return h.hexdigest()
 
 
@@ -95,7 +96,7 @@ def build_standin(demo_dir: Path, *, steps: int = DEFAULT_STEPS, log: Any = prin
 
         started = time.monotonic()
         log(f"demo: training the frontier stand-in (local), {steps} steps (once per machine)")
-        outcome = train_lora(cfg, load_training_data(cfg), base.model_dir)
+        outcome = train_lora(cfg, load_training_data(cfg), base.model_dir, label="frontier stand-in")
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         outcome.model.save_pretrained(tmp, safe_serialization=True)

@@ -214,15 +214,16 @@ def train_lora(
     base_dir: Path,
     *,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    label: str = "fine-tune",
 ) -> TrainOutcome:
-    """Train LoRA with transformers' Trainer; the loss covers assistant tokens only."""
+    """Train LoRA with transformers' Trainer; the loss covers assistant tokens only. `label` names the progress."""
     import torch
 
     threads = torch.get_num_threads()
     if cfg.cpu_threads and not cuda_available():
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _train_lora(cfg, data, base_dir, on_log)
+        return _train_lora(cfg, data, base_dir, on_log, label)
     finally:
         torch.set_num_threads(threads)
 
@@ -232,6 +233,7 @@ def _train_lora(
     data: TrainingData,
     base_dir: Path,
     on_log: Callable[[int, dict[str, float]], None] | None,
+    label: str,
 ) -> TrainOutcome:
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -268,7 +270,7 @@ def _train_lora(
         bar: quiet.Progress | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.bar = quiet.progress("fine-tune", int(state.max_steps or steps), draw=cfg.progress)
+            self.bar = quiet.progress(label, int(state.max_steps or steps), draw=cfg.progress)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # A step that logs reports from on_log, with its own loss rather than the previous one.
