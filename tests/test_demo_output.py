@@ -81,6 +81,11 @@ def test_library_banners_on_stdout_go_to_the_log_file_once_the_cli_set_it_up(tmp
         sys.stdout.write("\n\x1b[94m✨ Evaluation completed.\x1b[0m\n")
     assert capsys.readouterr().out == "kept\n"
     assert "Evaluation completed" in (tmp_path / "run.log").read_text()
+    # A progress bar drawn on stderr (mlflow.genai.evaluate's tqdm) goes there too.
+    with quiet.redirect_output_to_log():
+        sys.stderr.write("Evaluating:  50%|#####     | 120/240\r")
+    assert capsys.readouterr().err == ""
+    assert "Evaluating:  50%" in (tmp_path / "run.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,7 +115,9 @@ def setup(argv: list[str]) -> Path | None:
     logging.captureWarnings(True)  # warnings.warn(...) from any library -> py.warnings -> the file
     logging.getLogger().addHandler(to_file)  # anything else that propagates (Prefect may later reset the root)
 
-    _state.console = Console(stderr=True)
+    # Bound to the terminal's stream now, so a library's output redirected to the log later (redirect_output_to_log)
+    # does not take our own step lines with it.
+    _state.console = Console(file=sys.stderr, stderr=True)
     _state.log_path = path
     screen = _ConsoleHandler()
     screen.setFormatter(logging.Formatter("%(message)s"))
@@ -279,22 +282,33 @@ def redirect_stdout_to_log() -> contextlib.AbstractContextManager[Any]:
     """For a library that writes banners straight to sys.stdout (mlflow.genai.evaluate): into the log file."""
     if _state.log_path is None:
         return contextlib.nullcontext()
-    return _AppendStdout(_state.log_path)
+    return _AppendTo(_state.log_path, stderr=False)
 
 
-class _AppendStdout(contextlib.AbstractContextManager[Any]):
-    def __init__(self, path: Path):
-        self.path = path
+def redirect_output_to_log() -> contextlib.AbstractContextManager[Any]:
+    """Stdout and stderr into the log file: for a call that draws its own progress bar on stderr (tqdm's, in
+    mlflow.genai.evaluate). Our step lines keep the terminal: their console was bound to it at setup."""
+    if _state.log_path is None:
+        return contextlib.nullcontext()
+    return _AppendTo(_state.log_path, stderr=True)
+
+
+class _AppendTo(contextlib.AbstractContextManager[Any]):
+    def __init__(self, path: Path, *, stderr: bool):
+        self.path, self.stderr = path, stderr
 
     def __enter__(self) -> Any:
         self._f = self.path.open("a", encoding="utf-8")
-        self._cm = contextlib.redirect_stdout(self._f)
-        return self._cm.__enter__()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(contextlib.redirect_stdout(self._f))
+        if self.stderr:
+            self._stack.enter_context(contextlib.redirect_stderr(self._f))
+        return self._f
 
     def __exit__(self, *exc: Any) -> None:
-        self._cm.__exit__(*exc)
+        self._stack.close()
         self._f.close()
 
 
 __all__ = ["QUIET_ENV", "Progress", "active", "duration", "log_file_for", "log_path", "progress",
-           "progress_line", "redirect_stdout_to_log", "say", "setup", "step", "step_line"]
+           "progress_line", "redirect_output_to_log", "redirect_stdout_to_log", "say", "setup", "step", "step_line"]

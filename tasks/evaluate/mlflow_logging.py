@@ -208,9 +208,10 @@ def log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
         return scorer(fn, name=name)
 
     scorers = [make(n) for n in loaded.suite.score_names if n not in corpus]
-    from tasks.core.quiet import redirect_stdout_to_log
+    from tasks.core.quiet import redirect_output_to_log
 
-    with redirect_stdout_to_log():  # its banner goes straight to stdout: into the command's log file, if any
+    # Its banner goes straight to stdout and its tqdm bar to stderr: both into the command's log file, if any.
+    with redirect_output_to_log():
         mlflow.genai.evaluate(data=traces, scorers=scorers)
     return len(traces)
 
