@@ -119,7 +119,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
             # The same frontier run again, now against the tuned candidate: the question the project answers.
             cand_front = timed("candidate-vs-frontier", compare_task, params.suite, f"{champion_target}:{adapter}",
                                frontier, limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
-                               artifact_key="lifecycle-eval")
+                               artifact_key="lifecycle-eval", saturation=params.saturation)
             support.attach_runs(parent, list(cand_front.run_ids.values()))
             summary.candidate_frontier_verdict = _verdict_line(cand_front.comparison.verdict)
             summary.frontier_lines += verdict_lines(f"candidate v{ft.registered_version}", cand_front.comparison)

@@ -20,6 +20,10 @@ class LifecycleParams(BaseModel):
         "stronger model served by the endpoint's vLLM and priced as gpt-4o-mini (demo/standin.py).",
     )
     standin_steps: int | None = Field(default=None, ge=1, description="The stand-in's training steps (default 2000).")
+    saturation: int | None = Field(
+        default=None, ge=1, description="With a frontier: also load the endpoint at this concurrency (its "
+        "max_num_seqs) during the candidate-vs-frontier comparison, to price a replica kept full.",
+    )
     finetune_config: str = Field(default="demo/finetune.yaml", description="FinetuneConfig YAML.")
     finetune_max_steps: int | None = Field(default=None, ge=1, description="Override the config's max_steps.")
     eval_limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N examples.")

@@ -151,12 +151,12 @@ def evaluate_task(suite: str, target: str, *, concurrency: int | None = None, li
 def compare_task(suite: str, candidate: str, baseline: str, *, concurrency: int | None = None,
                  limit: int | None = None, tier: str | None = None, hourly_price: float | None = None,
                  candidate_precision: str | None = None, gateway_key_for: str | None = None,
-                 artifact_key: str | None = None) -> ComparisonRun:
+                 artifact_key: str | None = None, saturation: int | None = None) -> ComparisonRun:
     """Candidate vs baseline with the replace verdict; with `artifact_key`, the report is published."""
     loaded = load(suite, limit=limit)
     outcome = compare_targets(loaded, candidate, baseline, concurrency=concurrency, progress=False, tier=tier,
                               hourly_price=hourly_price, candidate_precision=candidate_precision,
-                              api_key=_gateway_key(gateway_key_for))
+                              api_key=_gateway_key(gateway_key_for), saturation=saturation)
     if artifact_key:
         create_markdown_artifact(outcome.markdown, key=artifact_key,
                                  description=f"{candidate} vs {baseline} on {suite}")

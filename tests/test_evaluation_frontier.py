@@ -336,3 +336,39 @@ def test_cli_compare_with_a_failed_side_cannot_tell(double: FrontierDouble, tmp_
     assert out["baseline"]["status"] == "failed" and out["candidate"]["status"] == "ok"
     assert out["baseline"]["errors"][0]["error_class"] == "503 server error"
     assert "CANNOT TELL" in out["report"] and "## Errors" in out["report"]
+
+
+def test_compare_with_saturation_prices_a_replica_kept_full(double: FrontierDouble, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, llmhost_home: Path):
+    """`saturation` loads the self-hosted side at the endpoint's max_num_seqs and prices that throughput too.
+
+    The double serves both sides here (a `url:` target is self-hosted); its catalog entry is a drop-in in
+    $LLMHOST_HOME/frontiers.d/, as the demo writes its stand-in's.
+    """
+    import mlflow
+
+    from tasks.evaluate.report import verdict_lines
+    from tasks.evaluate.running import compare_targets
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.setenv("LLMHOST_TARGET_API_KEY", SECRET)  # the `url:` side's key, on the same double
+    drop = llmhost_home / "frontiers.d" / "test-saturation.yaml"
+    drop.parent.mkdir(exist_ok=True)
+    catalog(double, drop)
+    try:
+        out = compare_targets(load("demo_routing", limit=8), f"url:{double.base_url}#gpt-4o-mini", "frontier:chat",
+                              tier="cpu", concurrency=2, saturation=6, progress=False, trace=False, genai=False,
+                              out_dir=tmp_path)
+    finally:
+        drop.unlink()
+    cost = out.comparison.cost
+    assert cost is not None and cost.saturation is not None and cost.saturation.concurrency == 6
+    assert cost.self_per_1m_out_saturation is not None and cost.self_per_1m_out_eval is not None
+    run = mlflow.get_run(out.run_ids["comparison"])
+    assert run.data.params["saturation_concurrency"] == "6"
+    assert run.data.params["saturation_target"] == f"url:{double.base_url}#gpt-4o-mini"
+    # Four waves of six, unscored: beyond the eval's 8 examples a side (and the warm-ups).
+    assert run.data.metrics["saturation_requests"] == 24 and run.data.metrics["saturation_failed"] == 0
+    assert run.data.metrics["self_usd_per_1m_out_saturation"] == pytest.approx(cost.self_per_1m_out_saturation)
+    assert len(double.sent("gpt-4o-mini", status=200)) == (2 + 8) + 8 + (6 + 24)
+    assert any("kept full (6 concurrent)" in ln for ln in verdict_lines("the url side", out.comparison))

@@ -197,6 +197,9 @@ def compare(
     genai: bool = typer.Option(
         True, "--genai/--no-genai", help="Attach scores to traces (mlflow.genai.evaluate)."
     ),
+    saturation: int | None = typer.Option(
+        None, min=1, help="Against an API: also load the self-hosted side at this concurrency (its endpoint's "
+        "max_num_seqs) and price a replica kept full, beside the eval's own concurrency."),
     as_json: bool = typer.Option(
         False, "--json", help=json_help("one object", COMPARE_KEYS, COMPARE_JSON_NOTE)
     ),
@@ -225,6 +228,7 @@ def compare(
         trace=traces,
         genai=genai,
         out_dir=out,
+        saturation=saturation,
     )
     v = outcome.comparison.verdict
     cannot_tell = v.headline == "CANNOT TELL"

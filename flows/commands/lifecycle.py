@@ -48,7 +48,11 @@ def register(app: typer.Typer) -> None:
 
         from flows.lifecycle_models import LifecycleParams
         from tasks import store
+        from tasks.core.settings import PROJECT_ROOT
+        from tasks.deploy import load_spec
         from tasks.promote import PromotionPolicy
+        from tasks.size.io import load_tiers
+        from tasks.size.plan import default_max_num_seqs
 
         console = Console()
         t0 = time.monotonic()
@@ -58,7 +62,12 @@ def register(app: typer.Typer) -> None:
         policy = PromotionPolicy(max_latency_p95_ratio=None, max_latency_p95_s=max_p95_s)
         console.print(f"promotion policy: accuracy must improve at 95% confidence, other metrics may drop "
                       f"<= {policy.guard_others}, candidate latency p95 <= {max_p95_s:g} s")
-        summary = _run_lifecycle(LifecycleParams(frontier=frontier, frontier_standin=frontier is None, policy=policy))
+        # The saturation load runs at the endpoint's max_num_seqs: the spec's, else what vLLM picks on its tier.
+        spec = load_spec(PROJECT_ROOT / "deployments" / "demo.yaml")
+        tier = next(t for t in load_tiers() if t.name == spec.hardware)
+        seqs = spec.vllm.max_num_seqs or default_max_num_seqs(tier)
+        summary = _run_lifecycle(LifecycleParams(frontier=frontier, frontier_standin=frontier is None, policy=policy,
+                                                 saturation=seqs))
         created = store.create_key("demo-user", team="ml-platform", description="make demo", actor="demo")
         console.rule("llmhost demo")
         console.print(summary.text())

@@ -231,8 +231,10 @@ def verdict_lines(who: str, cmp: Comparison) -> list[str]:
         out.append(f"  latency p95: {cl:.2f}s vs {bl:.2f}s ({cl / bl:.2f}x)")
     if cmp.cost is not None:
         k = cmp.cost
+        full = (f", {usd(k.self_per_1m_out_saturation)} kept full ({k.saturation.concurrency} concurrent)"
+                if k.saturation is not None else "")
         out.append(f"  $ per 1M output tokens: self-hosted {usd(k.self_per_1m_out_eval)} on tier {k.tier.tier} "
-                   f"(${k.tier.hourly_usd:g}/h, eval throughput) vs API {usd(k.api_per_1m_out)}")
+                   f"(${k.tier.hourly_usd:g}/h, at the eval's concurrency{full}) vs API {usd(k.api_per_1m_out)}")
         if k.break_even_tokens_per_day is not None:
             line = f"  break-even: {human_tokens(k.break_even_tokens_per_day)} tokens/day"
             if k.reachable is False:

@@ -17,6 +17,7 @@ import numpy as np
 import openai
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from tasks.core.errors import EvalError
 from tasks.core.settings import get_settings
 from tasks.evaluate.calls import (  # noqa: F401 - make_client and request_params are used from here too
     Failure,
@@ -384,3 +385,42 @@ def run_suite(
     return asyncio.run(
         run_suite_async(loaded, target, concurrency=concurrency, progress=progress, api_key=api_key)
     )
+
+
+def saturation_requests(concurrency: int, n_examples: int) -> int:
+    """Requests in a saturation load: four waves of `concurrency`, at least one pass over the suite."""
+    return max(4 * concurrency, n_examples)
+
+
+async def measure_saturation_async(
+    loaded: LoadedSuite, target: ResolvedTarget, concurrency: int, *, requests: int | None = None,
+    api_key: str | None = None, progress: bool = False,
+) -> RunStats:
+    """A short load at `concurrency` (the endpoint's max_num_seqs): the suite's prompts, cycled, unscored.
+
+    Only the throughput matters here (the cost per 1M output tokens of a replica kept full), so nothing is
+    scored or traced; the stats are logged with the comparison that asked for them.
+    """
+    if not loaded.examples:
+        raise EvalError(f"suite {loaded.suite.name!r} has no examples to load the target with")
+    n = requests or saturation_requests(concurrency, len(loaded.examples))
+    examples = [loaded.examples[i % len(loaded.examples)] for i in range(n)]
+    client = make_client(target, loaded.suite.generation.request_timeout_s, api_key)
+    counts: Counter[str] = Counter()
+    try:
+        plan = plan_for(target, loaded.suite.generation, loaded.suite.prompt)
+        await _warm_up(client, target, examples[:concurrency], plan.kwargs)
+        records, _, wall = await _run_examples(client, target, examples, plan, loaded.suite.generation,
+                                               concurrency, counts, progress,
+                                               f"saturation {target.spec} @ {concurrency}")
+    finally:
+        await client.close()
+    return compute_stats(records, wall, concurrency, counts)
+
+
+def measure_saturation(
+    loaded: LoadedSuite, target: ResolvedTarget, concurrency: int, *, requests: int | None = None,
+    api_key: str | None = None, progress: bool = False,
+) -> RunStats:
+    return asyncio.run(measure_saturation_async(loaded, target, concurrency, requests=requests, api_key=api_key,
+                                                progress=progress))

@@ -15,7 +15,7 @@ from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_creat
 from tasks.evaluate.compare import Comparison, compare
 from tasks.evaluate.mlflow_logging import experiment_name, log_cost, log_genai_assessments, log_result, log_traces
 from tasks.evaluate.report import plot, render_markdown
-from tasks.evaluate.runner import RunResult, run_suite
+from tasks.evaluate.runner import RunResult, RunStats, measure_saturation, run_suite
 from tasks.evaluate.suite import LoadedSuite
 from tasks.evaluate.targets import ResolvedTarget, resolve_target
 
@@ -63,6 +63,23 @@ def evaluate_target(
     return result, run.info.run_id
 
 
+def _saturation(loaded: LoadedSuite, cand: ResolvedTarget, base: ResolvedTarget, concurrency: int,
+                api_key: str | None, progress: bool) -> RunStats | None:
+    """The self-hosted side's stats under a full load, logged into the active comparison run; None when no side
+    is an API (nothing is priced against it) or both are."""
+    import mlflow
+
+    hosted = [t for t in (cand, base) if t.self_hosted]
+    if len(hosted) != 1:
+        return None
+    stats = measure_saturation(loaded, hosted[0], concurrency, api_key=api_key, progress=progress)
+    mlflow.log_params({"saturation_target": hosted[0].spec, "saturation_concurrency": concurrency})
+    mlflow.log_metrics({"saturation_requests": stats.n, "saturation_failed": stats.n_failed,
+                        "saturation_throughput_rps": stats.throughput_rps})
+    mlflow.log_dict(stats.model_dump(mode="json"), "saturation.json")
+    return stats
+
+
 @dataclass
 class ComparisonOutcome:
     comparison: Comparison
@@ -86,10 +103,13 @@ def compare_targets(
     genai: bool = True,
     out_dir: Path | None = None,
     api_key: str | None = None,
+    saturation: int | None = None,
 ) -> ComparisonOutcome:
     """Evaluate both targets (child runs) and log the report and plot into a parent comparison run.
 
-    `api_key` is the gateway key for whichever side is an `endpoint:` target.
+    `api_key` is the gateway key for whichever side is an `endpoint:` target. With `saturation` (a concurrency,
+    normally the endpoint's max_num_seqs) and an API on the other side, the self-hosted side is also loaded at
+    that concurrency, so the report prices a replica kept full as well as one at the eval's concurrency.
     """
     import mlflow
 
@@ -121,6 +141,7 @@ def compare_targets(
         mlflow.log_params({"candidate": candidate, "baseline": baseline})
         cand_res, cand_run = evaluate_target(loaded, cand_t, **kw)  # type: ignore[arg-type]
         base_res, base_run = evaluate_target(loaded, base_t, **kw)  # type: ignore[arg-type]
+        sat = _saturation(loaded, cand_t, base_t, saturation, api_key, progress) if saturation else None
         cmp = compare(
             loaded.suite,
             cand_res,
@@ -128,6 +149,7 @@ def compare_targets(
             hourly_price=hourly_price,
             tier=tier,
             candidate_precision=candidate_precision,
+            saturation=sat,
         )
         md = render_markdown(cmp)
         out = Path(out_dir or tempfile.mkdtemp(prefix="llmhost-eval-"))

@@ -183,6 +183,11 @@ def _defaults(tier: Tier, tp: int) -> tuple[int, int, int]:
     return 256, 2048, 2  # async scheduling keeps two batches in flight
 
 
+def default_max_num_seqs(tier: Tier, tp: int = 1) -> int:
+    """The max_num_seqs vLLM picks on `tier` when the spec sets none (what a saturation load runs at)."""
+    return _defaults(tier, tp)[0]
+
+
 def _activation_bytes(s: ModelShape, tokens: int, seqs: int, tp: int, act_bytes: int) -> int:
     """Peak of vLLM's profile run: one max_num_batched_tokens forward pass plus the sampler's fp32 logits.
 
