@@ -152,6 +152,7 @@ def finetune_runs() -> int:
 STANDIN_KEY_ENV = "LLMHOST_STANDIN_KEY"
 STANDIN_SECRET = "sk-standin-secret-9d2e7b41"  # noqa: S105 - a test value that must appear nowhere afterwards
 STANDIN_TEST_STEPS = 40
+LIFECYCLE_SATURATION = 16  # the demo runs it at the tier's max_num_seqs (128 on CPU)
 LIFECYCLE_EVAL_LIMIT = 80  # four comparisons in the resumed run; 80 examples tell 0.0 from 0.9 apart
 
 
@@ -198,7 +199,7 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
         os.environ[STANDIN_KEY_ENV] = STANDIN_SECRET
         try:
             summary = lifecycle(LifecycleParams(frontier_standin=True, standin_steps=STANDIN_TEST_STEPS,
-                                                eval_limit=LIFECYCLE_EVAL_LIMIT))
+                                                eval_limit=LIFECYCLE_EVAL_LIMIT, saturation=LIFECYCLE_SATURATION))
         finally:
             os.environ.pop(STANDIN_KEY_ENV, None)
         wall = time.monotonic() - t0

@@ -87,6 +87,8 @@ def test_frontier_branch_compares_champion_and_candidate_with_the_labelled_stand
         assert "gap " in block and "(95% CI " in block and "latency p95:" in block, block
         assert "$ per 1M output tokens: self-hosted $" in block and "vs API $" in block, block
         assert "break-even: " in block and "tokens/day" in block, block
+    # The candidate comparison also loaded the endpoint full and priced that throughput.
+    assert "kept full (16 concurrent)" in "\n".join(_block(summary.frontier_lines, f"candidate v{summary.candidate}"))
     assert all(ln in text for ln in summary.frontier_lines)
 
     # The catalog entry the demo wrote: priced as gpt-4o-mini, pointing at the endpoint's own vLLM.
