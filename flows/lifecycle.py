@@ -26,8 +26,8 @@ from flows.tasks import (
 from tasks.core import quiet
 from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
-from tasks.evaluate.compare import Comparison, Verdict
-from tasks.evaluate.report import verdict_lines
+from tasks.evaluate.compare import Comparison
+from tasks.evaluate.report import verdict_line, verdict_lines
 from tasks.finetune import trainable_base
 from tasks.promote import decide, mark_challenger
 from tasks.register import resolve_model_ref
@@ -43,11 +43,6 @@ def _primary_score(cmp: Comparison, metric: str) -> tuple[float | None, float | 
         if m.name == metric:
             return m.candidate.value, m.baseline.value
     return None, None
-
-
-def _verdict_line(v: Verdict) -> str:
-    """`READY TO REPLACE`, or `NOT YET (first failing check; ...)`."""
-    return v.headline if v.ready else f"{v.headline} ({'; '.join(v.reasons[:2])})"
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -93,7 +88,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
                           limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                           artifact_key="lifecycle-eval")
             support.attach_runs(parent, list(front.run_ids.values()))
-            summary.frontier_verdict = _verdict_line(front.comparison.verdict)
+            summary.frontier_verdict = verdict_line(front.comparison.verdict)
             summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
         else:
             log.warning(summary.frontier)
@@ -113,7 +108,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         support.attach_runs(parent, list(cmp_out.run_ids.values()))
         cmp = cmp_out.comparison
         summary.tuned_score, summary.base_score = _primary_score(cmp, summary.metric)
-        summary.verdict = _verdict_line(cmp.verdict)
+        summary.verdict = verdict_line(cmp.verdict)
 
         if ok and frontier:
             # The same frontier run again, now against the tuned candidate: the question the project answers.
@@ -121,7 +116,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
                                frontier, limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                                artifact_key="lifecycle-eval", saturation=params.saturation)
             support.attach_runs(parent, list(cand_front.run_ids.values()))
-            summary.candidate_frontier_verdict = _verdict_line(cand_front.comparison.verdict)
+            summary.candidate_frontier_verdict = verdict_line(cand_front.comparison.verdict)
             summary.frontier_lines += verdict_lines(f"candidate v{ft.registered_version}", cand_front.comparison)
 
         decision = decide(cmp, params.policy)

@@ -63,10 +63,20 @@ class ReplicaPool:
             return None
         self._rr = (self._rr + 1) % n
         excluded = set(exclude)
-        order = [route.replicas[(self._rr + i) % n] for i in range(n)]
-        left = [r for r in order if r.id not in excluded]
-        healthy = [r for r in left if self._st(r.id).healthy is not False]
-        return min(healthy or left, key=lambda r: self._st(r.id).outstanding, default=None)
+        best: ReplicaRoute | None = None  # least loaded healthy (or unprobed) replica
+        panic: ReplicaRoute | None = None  # least loaded of those marked down
+        best_load = panic_load = 1 << 30
+        for i in range(n):  # one pass, no allocation: this runs on every request
+            r = route.replicas[(self._rr + i) % n]
+            if r.id in excluded:
+                continue
+            st = self._st(r.id)
+            if st.healthy is False:
+                if st.outstanding < panic_load:
+                    panic, panic_load = r, st.outstanding
+            elif st.outstanding < best_load:
+                best, best_load = r, st.outstanding
+        return best or panic
 
     def acquire(self, replica_id: int) -> None:
         st = self._st(replica_id)
@@ -101,7 +111,6 @@ class ReplicaPool:
             if st.slow_probes < slow_threshold and st.healthy is not False:
                 return False
         return self.mark(replica_id, False, result.error)
-
 
 
 async def probe(client: httpx.AsyncClient, replica: ReplicaRoute, timeout_s: float) -> ProbeResult:

@@ -9,7 +9,6 @@ endpoint; the real gateway runs under uvicorn and is called through the openai S
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,11 +18,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from threaded_gateway import ThreadedGateway, wait_for
+from threaded_gateway import ThreadedApp, ThreadedGateway, wait_for
 
 from gateway.routing import ReplicaStatus
 from tasks import store
-from tasks.serving.local import free_port
 
 MSG = [{"role": "user", "content": "where is my parcel ?"}]
 TEAM = "health-team"
@@ -33,7 +31,6 @@ class SlowHealthReplica:
     """Answers chat at once; /health sleeps `health_delay_s` (0: at once)."""
 
     def __init__(self) -> None:
-        import uvicorn
 
         self.health_delay_s = 0.0
         self.health_calls = 0
@@ -52,17 +49,11 @@ class SlowHealthReplica:
                              "finish_reason": "stop"}]})
 
         app = Starlette(routes=[Route("/health", health), Route("/v1/chat/completions", chat, methods=["POST"])])
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, what="replica double start")
+        self._served = ThreadedApp(app, what="replica double")
+        self.base_url = f"http://127.0.0.1:{self._served.port}/v1"
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._served.close()
 
 
 @pytest.fixture

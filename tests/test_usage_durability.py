@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from threaded_gateway import wait_for
+from threaded_gateway import ThreadedApp, wait_for
 
 from tasks import store
 from tasks.core.settings import PROJECT_ROOT
@@ -45,7 +45,6 @@ class Upstream:
     """An attached OpenAI-compatible server: answers at once, with usage, plain or streamed."""
 
     def __init__(self) -> None:
-        import uvicorn
 
         async def health(request: Request) -> Response:
             return JSONResponse({})
@@ -72,16 +71,11 @@ class Upstream:
             return StreamingResponse(gen(), media_type="text/event-stream")
 
         app = Starlette(routes=[Route("/health", health), Route("/v1/chat/completions", chat, methods=["POST"])])
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, what="upstream start")
+        self._served = ThreadedApp(app, what="upstream")
+        self.port = self._served.port
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._served.close()
 
 
 class GatewayProcess:

@@ -23,6 +23,24 @@ def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         time.sleep(0.05)
 
 
+class ThreadedApp:
+    """An ASGI app (a replica or provider double) under uvicorn in a daemon thread on a free port; started."""
+
+    def __init__(self, app: Any, *, what: str = "app") -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, what=f"{what} start")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 class ThreadedGateway:
     """The real gateway app (optionally with the dashboard mounted) under uvicorn on a free port."""
 

@@ -216,16 +216,22 @@ class CostReport(BaseModel):
         out.append(f"API {a.name}: {usd(self.api_per_1m_out)} per 1M output tokens with their input "
                    f"(${a.price_in_per_1m:g} in / ${a.price_out_per_1m:g} out per 1M, prices of {a.as_of}; "
                    f"{self.mix.tokens_in:.1f} in / {self.mix.tokens_out:.1f} out tokens per request)")
-        if self.break_even_tokens_per_day is not None:
-            line = (f"break-even: {human_tokens(self.break_even_tokens_per_day)} tokens/day; "
-                    "above it self-hosting is cheaper")
-            if self.reachable is False:
-                line += (f", but one replica serves at most {human_tokens(self.capacity_tokens_per_day)}/day: "
-                         "at these prices the API is cheaper at any volume")
-            elif self.capacity_tokens_per_day is not None:
-                line += f" (one replica serves up to {human_tokens(self.capacity_tokens_per_day)}/day)"
+        if (line := self.break_even_line()) is not None:
             out.append(line)
         return out
+
+    def break_even_line(self) -> str | None:
+        """The break-even volume and whether one replica reaches it; None when unknown."""
+        if self.break_even_tokens_per_day is None:
+            return None
+        line = (f"break-even: {human_tokens(self.break_even_tokens_per_day)} tokens/day; "
+                "above it self-hosting is cheaper")
+        if self.reachable is False:
+            line += (f", but one replica serves at most {human_tokens(self.capacity_tokens_per_day)}/day: "
+                     "at these prices the API is cheaper at any volume")
+        elif self.capacity_tokens_per_day is not None:
+            line += f" (one replica serves up to {human_tokens(self.capacity_tokens_per_day)}/day)"
+        return line
 
 
 def cost_report(

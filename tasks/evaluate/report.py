@@ -9,8 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.evaluate.compare import N_BOOT, Comparison, Interval, PassCheck, RunSide, pass_checks, summarize
-from tasks.evaluate.cost import human_tokens, usd
+from tasks.evaluate.compare import (
+    N_BOOT,
+    Comparison,
+    Interval,
+    PassCheck,
+    RunSide,
+    Verdict,
+    pass_checks,
+    summarize,
+)
+from tasks.evaluate.cost import usd
 from tasks.evaluate.failures import ErrorGroup, run_failed_line
 from tasks.evaluate.runner import RunResult, RunStats
 from tasks.evaluate.suite import EvalSuite
@@ -213,15 +222,19 @@ def render_run_markdown(suite: EvalSuite, target: str, result: RunResult) -> str
     return "\n".join(lines) + "\n"
 
 
+def verdict_line(v: Verdict) -> str:
+    """`READY TO REPLACE`, or `NOT YET (first failing check; ...)`."""
+    return v.headline if v.ready else f"{v.headline} ({'; '.join(v.reasons[:2])})"
+
+
 def verdict_lines(who: str, cmp: Comparison) -> list[str]:
     """A comparison in a few console lines: the verdict with its gap and 95% CI, latency, $ and break-even.
 
     `who` names the candidate side (e.g. "base v1"); the baseline is named by its report label, which for a
     local stand-in says so.
     """
-    v, c, b = cmp.verdict, cmp.candidate, cmp.baseline
-    head = v.headline if v.ready else f"{v.headline} ({'; '.join(v.reasons[:2])})"
-    out = [f"{who} vs {b.target}: {head}"]
+    c, b = cmp.candidate, cmp.baseline
+    out = [f"{who} vs {b.target}: {verdict_line(cmp.verdict)}"]
     m = next((x for x in cmp.metrics if x.name == cmp.primary), None)
     if m is not None and np.isfinite(m.diff.value):
         out.append(f"  {m.name}: {m.candidate.value:.3f} vs {m.baseline.value:.3f}, gap {m.diff.value:+.3f} "
@@ -235,13 +248,6 @@ def verdict_lines(who: str, cmp: Comparison) -> list[str]:
                 if k.saturation is not None else "")
         out.append(f"  $ per 1M output tokens: self-hosted {usd(k.self_per_1m_out_eval)} on tier {k.tier.tier} "
                    f"(${k.tier.hourly_usd:g}/h, at the eval's concurrency{full}) vs API {usd(k.api_per_1m_out)}")
-        if k.break_even_tokens_per_day is not None:
-            line = f"  break-even: {human_tokens(k.break_even_tokens_per_day)} tokens/day"
-            if k.reachable is False:
-                line += (f"; one replica serves at most {human_tokens(k.capacity_tokens_per_day)}/day, so the "
-                         "API is cheaper at any volume")
-            elif k.capacity_tokens_per_day is not None:
-                line += (f"; above it self-hosting is cheaper (one replica serves up to "
-                         f"{human_tokens(k.capacity_tokens_per_day)}/day)")
-            out.append(line)
+        if (line := k.break_even_line()) is not None:
+            out.append(f"  {line}")
     return out
