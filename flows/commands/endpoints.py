@@ -38,8 +38,8 @@ ENDPOINT_KEYS = ("name", "status", "owner", "description", "live_revision", "ser
                  "replicas")  # fmt: skip
 REPLICA_KEYS = ("name", "state", "url", "target", "kv_cache_tokens")
 REVISION_KEYS = ("revision", "status", "live", "model_version", "served_model_name", "adapters", "tool_calling",
-                 "reason", "created_at", "replicas")  # fmt: skip
-REVISION_REPLICA_KEYS = ("name", "state", "url", "kv_cache_tokens", "pid", "log_path")
+                 "reason", "created_at", "facts", "replicas")  # fmt: skip
+REVISION_REPLICA_KEYS = ("name", "state", "url", "kv_cache_tokens", "pid", "log_path", "gpus")
 
 
 @endpoints_app.command("list", epilog="Example: llmhost endpoints list --json")
@@ -84,6 +84,13 @@ def _host(url: str) -> str:
     return rest.removesuffix("/").removesuffix("/v1")
 
 
+def facts_text(value: object) -> str:
+    """One revision fact (sizing, placement, swap) as `k=v k=v`, in the order it was recorded."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+    return str(value)
+
+
 def _kv(tokens_: int | None) -> str:
     from flows.commands._output import tokens
 
@@ -120,7 +127,7 @@ def show(
         adapters = f" +{len(rv.adapters)}" if rv.adapters else ""
         head = [rv.revision + ("*" if rv.live else ""), short(rv.status, 7), short(_model(rv.model_version), 9),
                 short(rv.served_model_name, 10 - len(adapters)) + adapters]
-        lines = [(_host(r.url), f"{r.state} {r.pid or '-'}") for r in reps]
+        lines = [(_host(r.url), f"{r.state} {r.pid or '-'}" + (f" gpu{r.gpus}" if r.gpus else "")) for r in reps]
         if hidden:
             lines.append((f"+{hidden} stopped", ""))
         for i, (url, state) in enumerate(lines or [("-", "")]):
@@ -129,6 +136,8 @@ def show(
     for rv in revisions[:5]:
         if rv.reason:
             out.print(short(f"{rv.revision[:8]}: {rv.reason}", 79), highlight=False, markup=False)
+        for topic, value in rv.facts.items():
+            out.print(short(f"{rv.revision[:8]} {topic}: {facts_text(value)}", 79), highlight=False, markup=False)
     out.print("* = live revision; +N = LoRA adapters; full values: --json")
 
 

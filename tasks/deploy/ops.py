@@ -116,6 +116,7 @@ class ReplicaView(BaseModel):
     kv_cache_tokens: int | None
     pid: int | None
     log_path: str | None
+    gpus: str | None = None
 
 
 class RevisionView(BaseModel):
@@ -129,6 +130,7 @@ class RevisionView(BaseModel):
     reason: str | None
     created_at: str
     replicas: list[ReplicaView]
+    facts: dict[str, Any] = {}
 
 
 def describe(name: str) -> list[RevisionView]:
@@ -147,6 +149,7 @@ def describe(name: str) -> list[RevisionView]:
                 adapters=dict(rev.adapters or {}),
                 tool_calling=spec.get("tool_calling"),
                 reason=rev.reason,
+                facts=dict(rev.facts or {}),
                 created_at=rev.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                 replicas=[
                     ReplicaView(
@@ -156,6 +159,7 @@ def describe(name: str) -> list[RevisionView]:
                         kv_cache_tokens=r.kv_cache_tokens,
                         pid=r.pid,
                         log_path=r.log_path,
+                        gpus=r.gpus,
                     )
                     for r in store.list_replicas(name, rev.id)
                 ],

@@ -20,6 +20,7 @@ from tasks.store.endpoints import (
     list_revisions,
     set_live_revision,
     set_replica_state,
+    set_revision_facts,
     set_revision_status,
     spec_hash,
     upsert_endpoint,
@@ -71,5 +72,6 @@ __all__ = [
     "deploy_lease", "ensure_user", "get_endpoint", "get_engine", "get_key", "grant", "hash_secret", "list_endpoints",
     "list_grants", "list_keys", "list_replicas", "list_revisions", "list_usage", "load_routes", "parse_duration",
     "revoke_grant", "revoke_key", "routes_epoch", "session_scope", "set_live_revision", "set_replica_state",
-    "set_revision_status", "spec_hash", "split_key", "summarize_usage", "upsert_endpoint", "utcnow", "verify_key",
+    "set_revision_facts", "set_revision_status", "spec_hash", "split_key", "summarize_usage", "upsert_endpoint",
+    "utcnow", "verify_key",
 ]

@@ -156,6 +156,23 @@ def set_revision_status(
         return rev
 
 
+def set_revision_facts(
+    endpoint: str, revision: int | str, topic: str, value: dict[str, Any], *, actor: str = "system",
+    engine: Engine | None = None,
+) -> EndpointRevision:
+    """Record one topic of what a revision ran with (sizing, placement, swap); audited as `revision.facts`."""
+    with session_scope(engine) as s:
+        e = get_endpoint_row(s, endpoint)
+        rev = _get_revision(s, e, revision)
+        facts = dict(rev.facts or {})
+        before = facts.get(topic)
+        facts[topic] = value
+        rev.facts = facts
+        audit_record(actor, "revision.facts", f"endpoint:{endpoint}", {topic: before}, {topic: value},
+                     endpoint=endpoint, revision=rev.content_hash[:12], session=s)
+        return rev
+
+
 def set_live_revision(
     endpoint: str, revision: int | str, *, reason: str | None = None, actor: str = "system",
     engine: Engine | None = None,
@@ -202,6 +219,7 @@ def add_replica(
     pid: int | None = None,
     log_path: str | None = None,
     managed: bool = True,
+    gpus: str | None = None,
     actor: str = "system",
     engine: Engine | None = None,
 ) -> ReplicaRow:
@@ -223,13 +241,14 @@ def add_replica(
         row = ReplicaRow(
             revision_id=rev.id, name=name or f"{endpoint}-{rev.content_hash[:8]}", target=target,
             base_url=base_url, served_model_name=served_model_name, state=state,
-            kv_cache_tokens=kv_cache_tokens, pid=pid, log_path=log_path, managed=managed,
+            kv_cache_tokens=kv_cache_tokens, pid=pid, log_path=log_path, managed=managed, gpus=gpus,
         )
         s.add(row)
         s.flush()
         audit_record(actor, "replica.add", f"endpoint:{endpoint}", None,
                      {"replica": row.name, "base_url": base_url, "served_model_name": served_model_name,
-                      "state": state}, endpoint=endpoint, revision=rev.content_hash[:12], session=s)
+                      "state": state, **({"gpus": gpus} if gpus is not None else {})},
+                     endpoint=endpoint, revision=rev.content_hash[:12], session=s)
         bump_epoch(s)
         return row
 

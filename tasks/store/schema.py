@@ -130,6 +130,9 @@ class EndpointRevision(Base):
     model_version: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(32), default="pending")
     reason: Mapped[str | None] = mapped_column(Text)
+    # What the revision ran with beyond its spec, keyed by topic: "sizing" (the applied recommendation),
+    # "placement" (the GPUs), "swap" (the swap strategy and its measured pause). Not part of the identity.
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_by: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -148,6 +151,7 @@ class ReplicaRow(Base):
     kv_cache_tokens: Mapped[int | None] = mapped_column(Integer)
     pid: Mapped[int | None] = mapped_column(Integer)
     log_path: Mapped[str | None] = mapped_column(String(1000))
+    gpus: Mapped[str | None] = mapped_column(String(200))  # CUDA_VISIBLE_DEVICES of a local GPU replica
     managed: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
