@@ -15,7 +15,7 @@ import yaml
 from testing_utils import small_config
 
 from demo import data as demo_data
-from tasks.core.errors import ConfigError, FinetuneError
+from tasks.core.errors import ConfigError
 from tasks.finetune import (
     ContaminationError,
     ContaminationSettings,
@@ -24,7 +24,6 @@ from tasks.finetune import (
     finetune,
     load_config,
     load_training_data,
-    preflight,
     read_chat_rows,
     tokenize_row,
 )
@@ -55,20 +54,6 @@ def test_bad_config_names_file_field_and_fix(tmp_path: Path):
         load_config(p)
     msg = str(exc.value)
     assert str(p) in msg and "lora.r=0" in msg and "greater than or equal to 1" in msg and "\n" not in msg
-
-
-def test_qlora_is_refused_on_cpu_with_one_line(demo_data_dir: Path):
-    cfg = small_config(demo_data_dir, "models:/x/1", qlora=True)
-    with pytest.raises(FinetuneError) as exc:
-        preflight(cfg, has_cuda=False)
-    msg = str(exc.value)
-    assert "qlora=True needs a CUDA GPU" in msg and "qlora: false" in msg and "\n" not in msg
-    # And the real entry point refuses it here before touching the registry or the data.
-    from tasks.finetune import cuda_available
-
-    if not cuda_available():
-        with pytest.raises(FinetuneError, match="qlora=True needs a CUDA GPU"):
-            finetune(cfg)
 
 
 def test_training_rows_that_contain_eval_rows_are_refused(tmp_path: Path, demo_data_dir: Path):
@@ -194,6 +179,9 @@ def test_finetune_logs_run_and_registers_a_new_version_with_tags(finetuned, base
     assert {"loss.png", "losses.json", "contamination.txt"} <= artifacts
     # A reload through MLflow gives the trained model's logits (MLflow issue #23761 would break this).
     assert res.reload_max_abs_diff <= 1e-4
+    # The run states the precision it trained in and the tolerance of its reload check.
+    assert run.data.params["train_dtype"] == "float32" and run.data.params["reload_atol"] == "0.0001"
+    assert run.data.tags["llmhost.precision"].startswith("auto: CPU") and res.precision == "fp32"
     # A new version of the same registered model, tagged as an adapter on the base version.
     assert res.registered_name == MODEL_NAME and int(res.registered_version) == int(base_version.version) + 1
     mv = client.get_model_version(MODEL_NAME, res.registered_version)

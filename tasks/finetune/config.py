@@ -98,7 +98,21 @@ class FinetuneConfig(_Strict):
     gradient_accumulation: int = Field(default=1, ge=1, le=1024)
     max_seq_len: int = Field(default=1024, ge=16, le=1_048_576, description="Longer rows are truncated.")
     seed: int = Field(default=0, ge=0)
-    qlora: bool = Field(default=False, description="4-bit base weights (bitsandbytes); needs a CUDA GPU.")
+    qlora: bool = Field(
+        default=False,
+        description="4-bit NF4 base weights computing in `precision` (QLoRA); needs bitsandbytes on a CUDA GPU, "
+        "refused elsewhere before anything runs.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="Training dtype of the frozen base and of autocast. auto: fp32 on a CPU; on a GPU the base's "
+        "saved dtype where the GPU computes in it, else bf16, else fp16 with loss scaling. An explicit value the "
+        "hardware lacks (bf16/fp16 on a CPU, bf16 before Ampere) is refused rather than swapped.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: less GPU memory for longer rows, ~30% slower.",
+    )
     logging_steps: int = Field(default=1, ge=1, description="Log train loss every N steps.")
     eval_steps: int | None = Field(
         default=None, ge=1, description="Eval loss every N steps; None = ~10 per run."
@@ -130,7 +144,11 @@ class FinetuneConfig(_Strict):
 
 def config_hash(cfg: FinetuneConfig) -> str:
     """sha256 of the config's canonical JSON (paths as given); equal configs get equal hashes."""
-    body = cfg.model_dump(mode="json", exclude={"progress", "run_name", "cpu_threads"})
+    # Speed and memory knobs do not change what is learned; `precision: auto` is left out so that configs
+    # written before the field existed keep their hash (and flows/caching.py its cache hits).
+    body = cfg.model_dump(mode="json", exclude={"progress", "run_name", "cpu_threads", "gradient_checkpointing"})
+    if body.get("precision") == "auto":
+        del body["precision"]
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -20,7 +20,24 @@ from tasks.core.errors import ConfigError, FinetuneError
 from tasks.core.tracking import get_or_create_experiment, mlflow_client
 from tasks.finetune.config import FinetuneConfig, config_hash
 from tasks.finetune.data import ChatRow, TrainingData, check_contamination, load_training_data
-from tasks.finetune.train import LossHistory, TrainOutcome, preflight, render_chat, train_lora
+from tasks.finetune.device import (
+    Precision,
+    compare_logits,
+    load_base,
+    logits_on,
+    match_dtypes,
+    model_device,
+    reload_tolerance,
+    torch_dtype,
+)
+from tasks.finetune.train import (
+    LossHistory,
+    TrainOutcome,
+    preflight,
+    render_chat,
+    train_lora,
+    training_precision,
+)
 from tasks.register import (
     MLFLOW_MODEL_NAME,
     SERVING_TAGS,
@@ -30,7 +47,6 @@ from tasks.register import (
     resolve_model_ref,
 )
 
-RELOAD_ATOL = 1e-4
 # What a logged adapter needs to load besides the base requirements.
 ADAPTER_REQUIREMENTS = ("transformers", "torch", "peft", "safetensors", "tokenizers", "accelerate")
 
@@ -77,22 +93,28 @@ def _probe_inputs(tokenizer: Any, rows: list[ChatRow]) -> Any:
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def logits_of(model: Any, enc: Any) -> Any:
-    import torch
-
-    with torch.no_grad():
-        return model(**enc).logits
-
-
-def reload_max_diff(model_uri: str, enc: Any, expected: Any) -> float:
-    """Reload the logged model through MLflow and return the largest logit difference on `enc`."""
+def reload_logged(model_uri: str, reference: Any, precision: Precision, base_dir: Path, *, qlora: bool) -> Any:
+    """The logged adapter reloaded on the trained model's device, its parameters in the trained dtypes."""
     import mlflow
 
-    comps = mlflow.transformers.load_model(model_uri, return_type="components")
-    reloaded = comps["model"]
-    reloaded.eval()
-    got = logits_of(reloaded, enc)
-    return float((got - expected).abs().max())
+    device = model_device(reference)
+    if qlora:
+        # MLflow would reload the base in full precision, but QLoRA trained on NF4 weights: put the logged
+        # adapter on the same 4-bit base so that like is compared with like.
+        import yaml
+        from peft import PeftModel
+
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        adapter = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["transformers"]["peft_adaptor"]
+        base = load_base(base_dir, precision, qlora=True, device=device.index or 0)
+        reloaded = PeftModel.from_pretrained(base, str(local / adapter))
+    else:
+        comps = mlflow.transformers.load_model(model_uri, return_type="components", dtype=torch_dtype(precision))
+        reloaded = comps["model"].to(device)
+    # The Trainer's model may hold some tensors in fp32 (prepare_model_for_kbit_training casts norms; PEFT keeps
+    # LoRA matrices in fp32): the reload must compute exactly as it did.
+    match_dtypes(reloaded, reference)
+    return reloaded.eval()
 
 
 def adapter_content_hash(adapter_dir: Path) -> str:
@@ -125,6 +147,7 @@ class FinetuneResult(BaseModel):
     eval_loss_before: float | None
     eval_loss_after: float | None
     reload_max_abs_diff: float
+    precision: str = Field(default="fp32", description="What it trained in: bf16, fp16 or fp32.")
     contamination: str
     lora_rank: int
     tags: dict[str, str] = Field(default_factory=dict)
@@ -223,8 +246,11 @@ def _log_outcome(outcome: TrainOutcome) -> tuple[float, float]:
 
 def _log_adapter(
     cfg: FinetuneConfig, outcome: TrainOutcome, data: TrainingData, base_mv: Any, base_dir: Path, chash: str
-) -> tuple[Any, float]:
-    """Log the adapter (linked to the base folder) and reload it; returns (model info, max logit difference)."""
+) -> tuple[Any, float, bool]:
+    """Log the adapter (linked to the base folder) and reload it on the training device.
+
+    Returns (model info, max logit difference, whether every logit is within the dtype's tolerance).
+    """
     import mlflow
     from huggingface_hub import ModelCard
 
@@ -240,17 +266,21 @@ def _log_adapter(
         pip_requirements=pip_requirements(ADAPTER_REQUIREMENTS),
         model_card=card,
     )
+    precision: Precision = outcome.precision
     enc = _probe_inputs(outcome.tokenizer, data.eval or data.train)
-    diff = reload_max_diff(info.model_uri, enc, logits_of(outcome.model, enc))
+    expected = logits_on(outcome.model, enc, precision)
+    reloaded = reload_logged(info.model_uri, outcome.model, precision, base_dir, qlora=cfg.qlora)
+    diff, ok = compare_logits(logits_on(reloaded, enc, precision), expected, reload_tolerance(precision.dtype))
+    del reloaded  # a second copy of the base: free it before registering
     mlflow.log_metric("reload_max_abs_diff", diff)
-    return info, diff
+    return info, diff, ok
 
 
 def finetune(cfg: FinetuneConfig, *, log: Callable[[str], None] = print) -> FinetuneResult:
     """Contamination check -> LoRA training -> MLflow run -> logged adapter (reload-checked) -> version."""
+    device = preflight(cfg)  # first: a refusal costs no import, no data read and no run
     import mlflow
 
-    preflight(cfg)
     data = load_training_data(cfg)
     if cfg.contamination.skip:
         contamination = "contamination check skipped"
@@ -262,12 +292,19 @@ def finetune(cfg: FinetuneConfig, *, log: Callable[[str], None] = print) -> Fine
         f"{contamination}"
     )
     chash = config_hash(cfg)
+    precision = training_precision(cfg, base_dir, device)
+    tolerance = reload_tolerance(precision.dtype)
     client = mlflow_client()
     exp_id = get_or_create_experiment(cfg.experiment)
     with mlflow.start_run(
         experiment_id=exp_id,
         run_name=cfg.run_name or f"lora-{base_mv.name}-v{base_mv.version}",
-        tags={"llmhost.step": "finetune", "llmhost.base_model": f"{base_mv.name}/{base_mv.version}"},
+        tags={
+            "llmhost.step": "finetune",
+            "llmhost.base_model": f"{base_mv.name}/{base_mv.version}",
+            "llmhost.precision": precision.reason,
+            "llmhost.device": device.name,
+        },
     ) as run:
         run_id = run.info.run_id
         mlflow.log_params(flat_params(cfg))
@@ -279,21 +316,27 @@ def finetune(cfg: FinetuneConfig, *, log: Callable[[str], None] = print) -> Fine
                 "eval_rows": len(data.eval),
                 "finetune_config_hash": chash,
                 "base_version": str(base_mv.version),
+                "train_dtype": precision.dtype,
+                "loss_scaling": precision.loss_scaling,
+                "reload_atol": tolerance.atol,
+                "reload_rtol": tolerance.rtol,
             }
         )
         mlflow.log_text(contamination, "contamination.txt")
-        outcome = train_lora(cfg, data, base_dir, on_log=_on_log)
+        outcome = train_lora(cfg, data, base_dir, on_log=_on_log, device=device)
         first, last = _log_outcome(outcome)
         log(
-            f"finetune: {outcome.steps} steps in {outcome.seconds:.1f}s on {outcome.device}; train loss "
+            f"finetune: {outcome.steps} steps in {outcome.seconds:.1f}s on {outcome.device} in {precision.name}; "
+            f"train loss "
             f"{first:.3f} -> {last:.3f}; held-out loss {outcome.eval_loss_before} -> "
             f"{outcome.eval_loss_after}"
         )
-        info, diff = _log_adapter(cfg, outcome, data, base_mv, base_dir, chash)
-        if not diff <= RELOAD_ATOL:
+        info, diff, ok = _log_adapter(cfg, outcome, data, base_mv, base_dir, chash)
+        if not ok:
             raise FinetuneError(
-                f"reload check: the logged adapter reloads with logits off by {diff:.3g} (> {RELOAD_ATOL}); "
-                f"it was not registered (run {run_id}); see MLflow issue #23761 and log with base_model_path"
+                f"reload check: the logged adapter reloads with logits off by up to {diff:.3g}, outside "
+                f"{precision.dtype}'s {tolerance}; it was not registered (run {run_id}); see MLflow issue #23761 "
+                "and log with base_model_path"
             )
         with tempfile.TemporaryDirectory() as tmp:
             outcome.model.save_pretrained(tmp)
@@ -331,6 +374,7 @@ def finetune(cfg: FinetuneConfig, *, log: Callable[[str], None] = print) -> Fine
         eval_loss_before=outcome.eval_loss_before,
         eval_loss_after=outcome.eval_loss_after,
         reload_max_abs_diff=diff,
+        precision=precision.name,
         contamination=contamination,
         lora_rank=cfg.lora.r,
         tags=tags,

@@ -15,34 +15,36 @@ from tasks.core import quiet
 from tasks.core.errors import FinetuneError
 from tasks.finetune.config import FinetuneConfig, LoraSettings
 from tasks.finetune.data import ChatRow, TrainingData
+from tasks.finetune.device import (
+    DeviceFacts,
+    Precision,
+    bnb_importable,
+    check_qlora,
+    choose_precision,
+    detect_device,
+    load_base,
+    read_base_dtype,
+    trainer_args,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
 def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+    return detect_device().kind == "cuda"
 
 
-def preflight(cfg: FinetuneConfig, *, has_cuda: bool | None = None) -> None:
-    """Refuse what cannot run here before anything is loaded."""
-    has_cuda = cuda_available() if has_cuda is None else has_cuda
-    if cfg.qlora and not has_cuda:
-        raise FinetuneError(
-            "qlora=True needs a CUDA GPU (bitsandbytes 4-bit weights) and this machine has none; "
-            "set qlora: false to train LoRA in full precision on the CPU"
-        )
-    if cfg.qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise FinetuneError(
-                "qlora=True needs the bitsandbytes package; pip install bitsandbytes, or set qlora: false"
-            ) from None
+def preflight(cfg: FinetuneConfig, *, device: DeviceFacts | None = None) -> DeviceFacts:
+    """Refuse what cannot run on `device` (default: this machine's) before anything is loaded or logged."""
+    device = device or detect_device()
+    check_qlora(cfg.qlora, device, bnb_importable() if cfg.qlora and device.kind == "cuda" else False)
+    choose_precision(cfg.precision, device.kind, device.bf16_supported, None)
+    return device
+
+
+def training_precision(cfg: FinetuneConfig, base_dir: Path, device: DeviceFacts) -> Precision:
+    return choose_precision(cfg.precision, device.kind, device.bf16_supported, read_base_dtype(base_dir))
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
@@ -169,35 +171,33 @@ class TrainOutcome(BaseModel):
     eval_loss_after: float | None
     trainable_params: int
     device: str
+    precision: Any = Field(exclude=True, description="The device.Precision it trained in.")
 
 
 def _target_modules(lora: LoraSettings) -> list[str] | str:
     return lora.target_modules
 
 
-def build_peft_model(base_dir: Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
-    """Base model (fp32 on CPU; 4-bit for QLoRA) wrapped with fresh LoRA matrices, and its tokenizer."""
-    import torch
+def build_peft_model(base_dir: Path, cfg: FinetuneConfig, precision: Precision) -> tuple[Any, Any]:
+    """Base model in the training dtype (4-bit for QLoRA) wrapped with fresh fp32 LoRA matrices, and its tokenizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = {}
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-    else:
-        kwargs["dtype"] = torch.float32 if not cuda_available() else "auto"
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = load_base(base_dir, precision, qlora=cfg.qlora)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        # It turns checkpointing on by default; the config decides here, as it does for LoRA.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     lcfg = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.lora.r,
@@ -205,6 +205,8 @@ def build_peft_model(base_dir: Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
         lora_dropout=cfg.lora.dropout,
         target_modules=_target_modules(cfg.lora),
     )
+    # autocast_adapter_dtype (the default) keeps the LoRA matrices in fp32 over a bf16/fp16 base, so the
+    # optimizer state is fp32 and fp16's loss scaler can unscale their gradients.
     return get_peft_model(model, lcfg), tokenizer
 
 
@@ -215,15 +217,18 @@ def train_lora(
     *,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     label: str = "fine-tune",
+    device: DeviceFacts | None = None,
 ) -> TrainOutcome:
     """Train LoRA with transformers' Trainer; the loss covers assistant tokens only. `label` names the progress."""
     import torch
 
+    device = preflight(cfg, device=device)
+    precision = training_precision(cfg, base_dir, device)
     threads = torch.get_num_threads()
-    if cfg.cpu_threads and not cuda_available():
+    if cfg.cpu_threads and device.kind == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _train_lora(cfg, data, base_dir, on_log, label)
+        return _train_lora(cfg, data, base_dir, on_log, label, device, precision)
     finally:
         torch.set_num_threads(threads)
 
@@ -234,11 +239,13 @@ def _train_lora(
     base_dir: Path,
     on_log: Callable[[int, dict[str, float]], None] | None,
     label: str,
+    device: DeviceFacts,
+    precision: Precision,
 ) -> TrainOutcome:
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
-    model, tokenizer = build_peft_model(base_dir, cfg)
+    model, tokenizer = build_peft_model(base_dir, cfg, precision)
     train_feats, dropped = encode_rows(tokenizer, data.train, cfg.max_seq_len)
     eval_feats, dropped_eval = encode_rows(tokenizer, data.eval, cfg.max_seq_len)
     if not train_feats:
@@ -307,7 +314,7 @@ def _train_lora(
             report_to="none",
             seed=cfg.seed,
             data_seed=cfg.seed,
-            use_cpu=not cuda_available(),
+            **trainer_args(precision, device, cfg.gradient_checkpointing),
             disable_tqdm=True,  # our own progress (_Progress) replaces tqdm's bars
             remove_unused_columns=False,
             dataloader_pin_memory=False,
@@ -343,5 +350,6 @@ def _train_lora(
         eval_loss_before=before,
         eval_loss_after=after,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        device="cuda" if cuda_available() else "cpu",
+        device=device.kind if device.kind == "cpu" else f"{device.kind} ({device.name})",
+        precision=precision,
     )
