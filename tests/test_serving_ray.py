@@ -31,9 +31,10 @@ from tasks import store
 from tasks.core.errors import ConfigError
 from tasks.core.settings import PROJECT_ROOT, get_settings
 from tasks.deploy import EndpointSpec, load_spec, plan_revision
+from tasks.serving.gpus import cluster_gpus
 from tasks.serving.local import free_port
 from tasks.serving.ray import RaySettings, RayTarget, code_package, deploy_config
-from tasks.serving.ray_cluster import LocalRayCluster
+from tasks.serving.ray_cluster import LocalRayCluster, host_gpus
 
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 NUMBERS: dict[str, Any] = {}
@@ -271,6 +272,8 @@ def test_deploy_places_two_replicas_on_two_nodes_and_answers_through_the_gateway
     reps = running(target, app.name)
     nodes = {n["node_id"] for n in ray_cluster.alive_nodes()}
     assert len(reps) == 2 and {r["node_id"] for r in reps} == nodes and len(nodes) == 2, (reps, nodes)
+    # What GPU placement reads: the cluster's own GPUs (make ray-up gives its nodes this machine's), not ours.
+    assert cluster_gpus(target.nodes()) == len(host_gpus())
     NUMBERS["placement"] = sorted(r["node_id"][:8] for r in reps)
     for r in reps:  # each replica runs its own vLLM server as a child process
         assert vllm_child(r["pid"]).is_running()

@@ -57,13 +57,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help=_JSON_HELP),
         list_tiers: bool = typer.Option(False, "--list-tiers", help="Print the tier catalog and exit."),
     ) -> None:
-        """Size weights, KV cache and overhead; pick the cheapest tier, tensor parallel size and vLLM args."""
+        """Size weights, KV cache and overhead; pick the cheapest tier, tensor parallel size and vLLM args.
+
+        The last line says which of this machine's GPUs it fits on (NVML), at which tensor parallel size.
+        """
         from rich.console import Console
         from rich.markdown import Markdown
 
         from tasks.core.errors import SizingError
         from tasks.size import GiB, not_fit_line
-        from tasks.size.io import load_tiers, make_request, size_model
+        from tasks.size.io import load_tiers, make_request, size_model, size_model_here
 
         console = Console()
         if list_tiers:
@@ -87,11 +90,13 @@ def register(app: typer.Typer) -> None:
             enforce_eager=enforce_eager or None,
             overhead_gib=overhead_gib,
         )
-        estimate = size_model(model_ref, request, config_path=config)
         if as_json:
+            estimate = size_model(model_ref, request, config_path=config)
             typer.echo(estimate.model_dump_json(indent=2))
         else:
+            estimate, here = size_model_here(model_ref, request, config_path=config)
             console.print(Markdown(estimate.explanation))
+            typer.echo(here)  # e.g. "this machine: GPU 0 (NVIDIA H100 80GB HBM3, 79.1 GiB free): fits at TP 1"
         if not estimate.fits:
             if model_ref and model_ref.startswith("models:/"):
                 name = model_ref.removeprefix("models:/")

@@ -30,6 +30,7 @@ class RevisionRow:
     vllm_args: str | None = None
     runtime: str | None = None
     tool_calling: str | None = None
+    sizing: str | None = None
 
 
 @dataclass
@@ -90,6 +91,19 @@ def render_spec(spec: dict[str, Any]) -> tuple[str, str | None, str | None, str 
     return text, args, spec.get("runtime"), spec.get("tool_calling")
 
 
+def sizing_line(facts: dict[str, Any] | None) -> str | None:
+    """A revision's applied sizing (its `sizing` facts) in one line, naming what sizing chose for the spec."""
+    sz = (facts or {}).get("sizing")
+    if not isinstance(sz, dict):
+        return None
+    parts = [f"tier {sz.get('tier')}", f"TP {sz.get('tensor_parallel_size')}"]
+    if sz.get("max_model_len"):
+        parts.append(f"max_model_len {int(sz['max_model_len']):,}")
+    parts += [f"KV {sz.get('kv_cache_dtype')}", f"max_num_seqs {sz.get('max_num_seqs')}"]
+    auto = sz.get("source") or []
+    return " · ".join(parts) + (f" (sizing chose {', '.join(auto)}; the spec left them auto)" if auto else "")
+
+
 def overview_of(engine: Engine, name: str) -> Overview:
     e = get_endpoint(name, engine=engine)
     entries = audit_entries(endpoint=name, engine=engine)
@@ -122,6 +136,7 @@ def overview_of(engine: Engine, name: str) -> Overview:
                 args,
                 runtime,
                 tools,
+                sizing_line(rev.facts),
             )
         )
     smoke = []

@@ -1,6 +1,6 @@
 """The gateway's sampling loop: each live replica's vLLM /metrics and its hardware, stored every few seconds.
 
-Hardware is GPU utilisation and memory through NVML (nvidia-ml-py) where a GPU exists; otherwise the CPU and
+Hardware is GPU utilisation and memory through NVML (tasks.core.gpus) where a GPU exists; otherwise the CPU and
 resident memory of the replica's processes (psutil). vLLM runs its engine in child processes, so the whole
 process tree is counted. A replica attached by URL has no pid in the store; when it listens on a loopback
 port, the listening process is found by that port.
@@ -24,6 +24,7 @@ from sqlalchemy import Engine, delete, insert
 
 from gateway.dashboard.tables import ReplicaSample, dashboard_session, ensure_tables
 from gateway.routing import root_url
+from tasks.core.gpus import Gpu, inventory
 from tasks.store.routes import load_routes, replica_pids
 from tasks.store.schema import utcnow
 
@@ -61,46 +62,6 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ hardware
-
-
-def nvml_devices() -> list[dict[str, Any]] | None:
-    """Per-GPU utilisation, memory and compute pids through NVML; None where there is no GPU or no NVML."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no device
-        return None
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            util = pynvml.nvmlDeviceGetUtilizationRates(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            try:
-                pids = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)}
-            except Exception:
-                pids = set()
-            name = pynvml.nvmlDeviceGetName(h)
-            out.append(
-                {
-                    "index": i,
-                    "name": name.decode() if isinstance(name, bytes) else str(name),
-                    "util": float(util.gpu),
-                    "mem_used": float(mem.used),
-                    "mem_total": float(mem.total),
-                    "pids": pids,
-                }
-            )
-        return out
-    except Exception as exc:
-        log.debug("NVML query failed: %s", exc)
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
 
 
 def find_listening_pid(port: int) -> int | None:
@@ -169,9 +130,7 @@ class HardwareProbe:
             out["cpu_percent"] = max(0.0, 100.0 * (cpu_s - prev.cpu_s) / (now - prev.wall) / cores)
         return out
 
-    def measure(
-        self, replica_id: int, pid: int | None, base_url: str, gpus: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    def measure(self, replica_id: int, pid: int | None, base_url: str, gpus: list[Gpu]) -> dict[str, Any]:
         local_pid = self.pid_of(replica_id, pid, base_url)
         tree: set[int] = set()
         if local_pid:
@@ -181,15 +140,15 @@ class HardwareProbe:
                 root = psutil.Process(local_pid)
                 tree = {local_pid, *(c.pid for c in root.children(recursive=True))}
         if gpus:
-            mine = [g for g in gpus if g["pids"] & tree] if tree else []
+            mine = [g for g in gpus if g.pids & tree] if tree else []
             # Without a known pid (a remote replica) the host's GPUs say nothing about it.
-            if mine or (local_pid and not any(g["pids"] for g in gpus)):
+            if mine or (local_pid and not any(g.pids for g in gpus)):
                 used = mine or gpus
                 return {
                     "hw_kind": "gpu",
-                    "gpu_util": sum(g["util"] for g in used) / len(used),
-                    "gpu_mem_used_bytes": sum(g["mem_used"] for g in used),
-                    "gpu_mem_total_bytes": sum(g["mem_total"] for g in used),
+                    "gpu_util": sum(g.util_percent for g in used) / len(used),
+                    "gpu_mem_used_bytes": float(sum(g.used_bytes for g in used)),
+                    "gpu_mem_total_bytes": float(sum(g.total_bytes for g in used)),
                 }
         if local_pid:
             return {"hw_kind": "cpu", **self.cpu(replica_id, local_pid)}
@@ -257,7 +216,7 @@ class Sampler:
         now = utcnow()
 
         def measure_and_write() -> int:
-            gpus = nvml_devices()
+            gpus = inventory()
             rows = []
             for (endpoint, r), (values, err) in zip(reps, scraped, strict=True):
                 hw = self.hw.measure(r.id, pids.get(r.id), r.base_url, gpus)

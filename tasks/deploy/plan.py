@@ -1,8 +1,9 @@
 """Plan a revision: resolve the spec's model and adapters to versions, choose tool calling, render the vLLM args.
 
 A revision is immutable: the spec with its model pinned to the resolved version, the rendered vLLM args and the
-runtime version, named by a content hash over them. `sizing_request` is the one sizing request a spec makes:
-deploy enforces it, and the lifecycle sizes with it.
+runtime version, named by a content hash over them. `sizing_request` is the one sizing request a spec makes;
+`size_spec` fills what the spec leaves auto (tier, TP, context, KV dtype, max_num_seqs) from it, and the rendered
+args carry those values, so deploy's fit gate checks exactly what runs.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from pydantic import BaseModel, Field
 
 from tasks import store
 from tasks.core.errors import ConfigError
+from tasks.core.gpus import Gpu, inventory
 from tasks.deploy.resolve import resolve_adapter
 from tasks.deploy.spec import EndpointSpec, ToolCallingExplicit
 from tasks.register import get_version, resolve_model_ref
 from tasks.serving.base import Dtype, VllmArgs
 from tasks.serving.local import has_cuda_gpu
 from tasks.serving.ray import Device, RaySettings
-from tasks.size import SizingRequest, Tier, load_tiers, make_request, runtime_facts
+from tasks.size import MemoryEstimate, SizingRequest, Tier, load_tiers, make_request, read_model_config, runtime_facts
+from tasks.size.apply import AppliedSizing, apply_sizing
+from tasks.size.machine import local_tiers
 
 # Tool-call parser by architecture, used when the chat template's markup does not name the format (the
 # registry reads that markup first; a template's own format wins over its architecture's usual one).
@@ -58,7 +62,7 @@ REPLICA_ENV = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75", "VLLM_CPU_OMP_THREADS_BIND"
 # `fallback` is read from the endpoint's row by the gateway; the external-only fields are None here and are left
 # out so that self-hosted revisions keep the hashes they had before external endpoints existed.
 _COSMETIC = {"description", "usage_notes", "owner", "access", "serve_promoted", "fallback",
-             "frontier", "base_url", "api_key_env", "api_key_file"}
+             "frontier", "base_url", "api_key_env", "api_key_file", "swap"}
 
 
 class RevisionPlan(BaseModel):
@@ -76,6 +80,8 @@ class RevisionPlan(BaseModel):
     tool_calling: str = Field(description="The decision and why, e.g. 'hermes: from the chat template'.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Gateway adapter name -> vLLM name.")
     identity: dict[str, Any]
+    sizing: AppliedSizing | None = Field(default=None, description="What sizing applied (the revision's facts).")
+    estimate: MemoryEstimate | None = Field(default=None, description="The sizing of exactly the rendered args.")
 
 
 # ---------------------------------------------------------------------------------------------- hardware
@@ -93,9 +99,12 @@ def _tier(hardware: str) -> Tier:
     )
 
 
-def device_for(hardware: str) -> Device:
-    """gpu for a GPU tier; cpu for a CPU tier; for auto, whatever this machine has (as the planned dtype)."""
+def device_for(hardware: str, cluster_gpus: float | None = None) -> Device:
+    """gpu for a GPU tier; cpu for a CPU tier; for auto, whatever runs the replicas has: the Ray cluster's GPU count
+    (`cluster_gpus`, for a ray spec), else this machine's."""
     if hardware == "auto":
+        if cluster_gpus is not None:
+            return "gpu" if cluster_gpus > 0 else "cpu"
         return "gpu" if has_cuda_gpu() else "cpu"
     return "gpu" if _tier(hardware).device == "gpu" else "cpu"
 
@@ -110,7 +119,8 @@ def _tier_device_count(hardware: str) -> int:
 
 def _runtime_dtype(spec: EndpointSpec) -> Dtype:
     v = spec.vllm
-    return v.dtype if (v.dtype != "auto" or has_cuda_gpu()) else "float32"  # CPU attention runs fp32
+    # CPU attention runs fp32; a named GPU tier keeps auto even where it is planned (k8s render) on a CPU machine.
+    return v.dtype if (v.dtype != "auto" or device_for(spec.hardware) == "gpu") else "float32"
 
 
 def ray_settings(spec: EndpointSpec) -> RaySettings:
@@ -139,6 +149,45 @@ def sizing_request(spec: EndpointSpec) -> SizingRequest:
         tensor_parallel_size=v.tensor_parallel_size,
         max_num_seqs=v.max_num_seqs,
         enforce_eager=v.enforce_eager,
+    )
+
+
+def machine_gpus() -> list[Gpu]:
+    """This machine's GPUs (NVML); empty where there are none."""
+    return inventory()
+
+
+def size_spec(
+    spec: EndpointSpec, model_dir: str, gpus: list[Gpu] | None = None
+) -> tuple[AppliedSizing, MemoryEstimate]:
+    """Sizing's values for the spec's auto fields, and the estimate of exactly those values.
+
+    Where it may run: a named tier; for `hardware: auto` on the local target, this machine's GPUs as tiers of
+    1..N GPUs (the fewest that fit win), or the CPU tier without GPUs; on ray, the cheapest catalog tier that fits.
+    """
+    pinned: str | None
+    if spec.hardware != "auto":
+        _tier(spec.hardware)  # one line naming the catalog for an unknown name
+        tiers, pinned = load_tiers(), spec.hardware
+    elif spec.target == "local":
+        gpus = machine_gpus() if gpus is None else gpus
+        if not gpus and has_cuda_gpu():
+            raise ConfigError(
+                "hardware", "auto", "nvidia-smi lists a GPU but NVML reads none; install the gpu extra "
+                "(pip install 'llmhost[gpu]', nvidia-ml-py) or name a tier from `llmhost size --list-tiers`"
+            )
+        tiers, pinned = (local_tiers(gpus), None) if gpus else (load_tiers(), "cpu")
+    else:
+        tiers, pinned = load_tiers(), None
+    src = read_model_config(model_dir)
+    return apply_sizing(
+        src.config,
+        sizing_request(spec).model_copy(update={"tier": pinned}),
+        tiers,
+        runtime=runtime_facts(),
+        name=src.name,
+        tokenizer_max_len=src.tokenizer_max_len,
+        tier_is_auto=spec.hardware == "auto",
     )
 
 
@@ -264,20 +313,20 @@ def _add_adapters(spec: EndpointSpec, w: _Weights) -> dict[str, str]:
     return versions
 
 
-def _vllm_args(spec: EndpointSpec, w: _Weights, parser: str | None) -> VllmArgs:
+def _vllm_args(spec: EndpointSpec, w: _Weights, parser: str | None, sized: AppliedSizing) -> VllmArgs:
+    """The spec's vLLM args; every field it leaves auto takes sizing's value, an explicit one is kept as written."""
     v = spec.vllm
-    tp = _tier_device_count(spec.hardware) if v.tensor_parallel_size == "auto" else v.tensor_parallel_size
     return VllmArgs(
         model=w.model_dir,
         served_model_name=w.base_served,
-        max_model_len=v.max_model_len,
+        max_model_len=v.max_model_len or sized.max_model_len,
         dtype=_runtime_dtype(spec),
-        tensor_parallel_size=tp,
+        tensor_parallel_size=sized.tensor_parallel_size if v.tensor_parallel_size == "auto" else v.tensor_parallel_size,
         gpu_memory_utilization=v.gpu_memory_utilization,
-        kv_cache_dtype=v.kv_cache_dtype,
+        kv_cache_dtype=sized.kv_cache_dtype if v.kv_cache_dtype == "auto" else v.kv_cache_dtype,
         quantization=v.quantization,
         enforce_eager=v.enforce_eager,
-        max_num_seqs=v.max_num_seqs,
+        max_num_seqs=v.max_num_seqs or sized.max_num_seqs,
         enable_lora=bool(w.lora_modules) or v.max_lora_rank is not None,
         lora_modules=w.lora_modules,
         max_lora_rank=max([v.max_lora_rank or 0, *w.ranks]) or None,
@@ -289,7 +338,7 @@ def _vllm_args(spec: EndpointSpec, w: _Weights, parser: str | None) -> VllmArgs:
 
 
 def plan_revision(spec: EndpointSpec) -> RevisionPlan:
-    """Resolves the model alias and adapters and renders the vLLM args; starts nothing.
+    """Resolves the model alias and adapters, sizes the auto fields and renders the vLLM args; starts nothing.
 
     A model version that is a LoRA adapter (tag adapter=true) runs as its base version's weights plus
     `--enable-lora --lora-modules <adapter>=<dir>`, and the endpoint's plain name is routed to the adapter.
@@ -297,7 +346,9 @@ def plan_revision(spec: EndpointSpec) -> RevisionPlan:
     w = _resolve_model(spec)
     parser, why = choose_tool_calling(spec, w.tool_tags, _architectures(w.tool_tags))
     adapter_versions = _add_adapters(spec, w)
-    args = _vllm_args(spec, w, parser)
+    # Sizing runs here, not only at deploy's fit gate: what it applies is part of the args, so of the hash.
+    sized, estimate = size_spec(spec, w.model_dir)
+    args = _vllm_args(spec, w, parser, sized)
     runtime = runtime_version()
     # The spec as it runs: model and adapters pinned to the versions they resolved to, so that the alias a
     # spec names does not matter (same version = same revision) and rollback redeploys exactly this.
@@ -332,4 +383,6 @@ def plan_revision(spec: EndpointSpec) -> RevisionPlan:
         tool_calling=why,
         adapters={name: name for name in adapter_versions},
         identity=identity,
+        sizing=sized,
+        estimate=estimate,
     )

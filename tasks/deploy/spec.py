@@ -87,6 +87,11 @@ class EndpointSpec(BaseModel):
         "How a promoted LoRA adapter version is served. `adapter`: the route switches to the adapter already "
         "loaded on the live replicas (no restart). `merged`: the same switch, then a background blue/green "
         "deploy replaces the replicas with the adapter merged into its base (no LoRA cost)."))
+    swap: Literal["auto", "bluegreen", "hold", "sleep"] = Field(default="auto", description=(
+        "How a new revision replaces the live one (tasks.deploy.swap). auto: bluegreen where both fit on this "
+        "machine, else sleep (CUDA) or hold. bluegreen: start beside the old one. hold: the gateway holds "
+        "requests (LLMHOST_SWAP_HOLD_S) while the old one stops and the new one starts. sleep: the same, with "
+        "the old one asleep (GPU memory freed) instead of stopped, woken if the new one fails."))
     access: Access = Field(default_factory=Access)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
 

@@ -25,8 +25,9 @@ from typing import Any
 import httpx
 
 from tasks.core.errors import ServingError
+from tasks.core.gpus import inventory
 from tasks.core.settings import get_settings
-from tasks.serving.local import _group_alive, free_port
+from tasks.serving.local import _group_alive, free_port, has_cuda_gpu
 
 # Each node offers two replica slots: one for the live revision's replica and one for its blue/green successor,
 # while `max_replicas_per_node: 1` (deployments/demo-ray.yaml) keeps one revision's replicas on different nodes.
@@ -42,6 +43,27 @@ NODE_IP = "127.0.0.2"
 def ray_bin() -> Path:
     """`ray` of the serving venv: the cluster must run the Python that has vLLM."""
     return Path(get_settings().vllm_python).parent / "ray"
+
+
+def host_gpus() -> list[int]:
+    """This machine's GPU indices (NVML; `nvidia-smi -L` where nvidia-ml-py is missing); [] without a GPU."""
+    found = [g.index for g in inventory()]
+    if found or not has_cuda_gpu():
+        return found
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    return [int(line.split()[1].rstrip(":")) for line in out.splitlines() if line.startswith("GPU ")]  # "GPU 0: .."
+
+
+def split_gpus(gpus: list[int], nodes: int) -> list[list[int]]:
+    """The GPUs of each node, disjoint and contiguous, the head's first: the nodes share one machine, and two nodes
+    offering the same GPU would let Ray put two replicas on it."""
+    per, extra = divmod(len(gpus), nodes)
+    out, at = [], 0
+    for n in range(nodes):
+        size = per + (1 if n < extra else 0)
+        out.append(gpus[at:at + size])
+        at += size
+    return out
 
 
 def _clean_env() -> dict[str, str]:
@@ -71,8 +93,11 @@ class LocalRayCluster:
         num_cpus: int = DEFAULT_NUM_CPUS,
         resources: dict[str, float] | None = None,
         dashboard_port: int | None = None,
+        gpus: list[int] | None = None,
     ):
         self.root = Path(root).absolute()
+        self.gpus = gpus  # NVML indices shared out over the nodes; None = this machine's
+        self._gpu_host = False
         self.workers = workers
         self.num_cpus = num_cpus
         self.resources = DEFAULT_RESOURCES if resources is None else resources
@@ -96,7 +121,7 @@ class LocalRayCluster:
 
     # ---- up / down
 
-    def _node_args(self) -> list[str]:
+    def _node_args(self, gpus: list[int]) -> list[str]:
         # Ports a node would otherwise take at fixed defaults (the agent's 52365) or at random: pinned free ones
         # let two nodes share 127.0.0.1.
         return [
@@ -108,7 +133,7 @@ class LocalRayCluster:
             "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()),
             "--num-cpus", str(self.num_cpus),
-            "--num-gpus", "0",
+            "--num-gpus", str(len(gpus)),
             "--resources", json.dumps(self.resources),
             "--object-store-memory", str(200 * 1024 * 1024),
             "--temp-dir", str(self.root / "tmp"),
@@ -116,14 +141,17 @@ class LocalRayCluster:
             "--block",
         ]
 
-    def _spawn(self, role: str, args: list[str]) -> dict[str, Any]:
+    def _spawn(self, role: str, args: list[str], gpus: list[int]) -> dict[str, Any]:
         log = self.root / f"{role}.log"
+        env = _clean_env()
+        if self._gpu_host:  # Ray hands out only the GPUs in CUDA_VISIBLE_DEVICES, in NVML's (PCI bus) numbering
+            env.update({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
         with log.open("ab") as f:
             proc = subprocess.Popen(
-                [str(ray_bin()), "start", *args], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_clean_env(), start_new_session=True,
+                [str(ray_bin()), "start", *args, *self._node_args(gpus)], stdout=f, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
-        return {"role": role, "pid": proc.pid, "log": str(log)}
+        return {"role": role, "pid": proc.pid, "log": str(log), "gpus": gpus}
 
     def up(self, timeout_s: float = 240.0) -> LocalRayCluster:
         """Starts the head, then the workers; returns once the dashboard lists every node alive."""
@@ -136,14 +164,17 @@ class LocalRayCluster:
                                "serving venv)")
         self.root.mkdir(parents=True, exist_ok=True)
         gcs, dash = free_port(), self.dashboard_port or free_port()
+        all_gpus = host_gpus() if self.gpus is None else self.gpus
+        self._gpu_host = bool(all_gpus)
+        gpus = split_gpus(all_gpus, 1 + self.workers)
         head = self._spawn("head", ["--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                                     "--dashboard-port", str(dash), "--include-dashboard", "true",
-                                    "--ray-client-server-port", str(free_port()), *self._node_args()])
+                                    "--ray-client-server-port", str(free_port())], gpus[0])
         st: dict[str, Any] = {"gcs_address": f"{NODE_IP}:{gcs}", "dashboard_port": dash, "nodes": [head]}
         self.state_file.write_text(json.dumps(st, indent=2))
         self._wait(1, timeout_s)
         for i in range(self.workers):
-            st["nodes"].append(self._spawn(f"worker-{i + 1}", ["--address", st["gcs_address"], *self._node_args()]))
+            st["nodes"].append(self._spawn(f"worker-{i + 1}", ["--address", st["gcs_address"]], gpus[i + 1]))
             self.state_file.write_text(json.dumps(st, indent=2))
         self._wait(1 + self.workers, timeout_s)
         return self
@@ -197,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.action == "up":
             cluster.up()
-            print(f"Ray cluster up: {1 + ns.workers} nodes, dashboard {cluster.dashboard_url} "
+            gpus = ", ".join(f"{n['role']} {len(n.get('gpus', []))}" for n in cluster.state()["nodes"])
+            print(f"Ray cluster up: {1 + ns.workers} nodes (GPUs: {gpus}), dashboard {cluster.dashboard_url} "
                   f"(ray.address in deployments/demo-ray.yaml); logs under {cluster.root}")
         elif ns.action == "down":
             n = cluster.down()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from tasks.core.errors import ConfigError
+from tasks.core.gpus import Gpu
 from tasks.core.settings import Settings, get_settings
 from tasks.size.estimate import estimate_memory
 from tasks.size.plan import GiB, MemoryEstimate, MiB, RuntimeFacts, SizingRequest, Tier
@@ -266,13 +267,41 @@ def size_model(
     settings: Settings | None = None,
 ) -> MemoryEstimate:
     """Read the config, the tiers and the runtime's defaults, then size (pure)."""
+    return _sized(model_ref, request, config_path, settings)[2]
+
+
+def _sized(
+    model_ref: str | Path | None, request: SizingRequest, config_path: str | Path | None, settings: Settings | None
+) -> tuple[ModelConfigSource, RuntimeFacts, MemoryEstimate]:
     settings = settings or get_settings()
     src = read_model_config(model_ref, config_path)
-    return estimate_memory(
+    runtime = runtime_facts(settings)
+    estimate = estimate_memory(
         src.config,
         request,
         load_tiers(settings),
-        runtime=runtime_facts(settings),
+        runtime=runtime,
         name=src.name,
         tokenizer_max_len=src.tokenizer_max_len,
     )
+    return src, runtime, estimate
+
+
+def size_model_here(
+    model_ref: str | Path | None,
+    request: SizingRequest,
+    *,
+    config_path: str | Path | None = None,
+    settings: Settings | None = None,
+    gpus: list[Gpu] | None = None,
+) -> tuple[MemoryEstimate, str]:
+    """`size_model`, and one line on which of this machine's GPUs (None: read through NVML) it fits."""
+    from tasks.size.machine import fit_line
+
+    src, runtime, estimate = _sized(model_ref, request, config_path, settings)
+    if gpus is None:
+        from tasks.core.gpus import inventory
+
+        gpus = list(inventory())
+    line = fit_line(src.config, request, gpus, runtime=runtime, name=src.name, tokenizer_max_len=src.tokenizer_max_len)
+    return estimate, line
