@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down
+.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down team-up team-down test-gpu
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first, so the resolver takes the pinned wheel instead of a newer CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	# The gpu extra (nvidia-ml-py) where a GPU driver answers: GPU placement, `make ray-up` and the dashboard read NVML.
+	$(VENV)/bin/pip install -q -e ".[dev$$(nvidia-smi -L >/dev/null 2>&1 && echo ,gpu)]"
 	touch $@
 
 $(VLLM_VENV)/.installed: scripts/install_runtime.sh
@@ -46,17 +47,31 @@ test: env runtime
 	$(VENV)/bin/python -m demo.build >/dev/null
 	$(VENV)/bin/python -m pytest --durations=30
 
+# The CUDA checks (marker `gpu`, tests/test_gpu.py); -rs prints why each skipped where torch sees no CUDA. `make test`
+# collects them too and they skip there. On a GPU image without this env: python scripts/gpu_check.py --help.
+test-gpu: env
+	$(VENV)/bin/python -m pytest -m gpu -rs
+
 lint: env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 # A local Ray cluster for `target: ray` (deployments/demo-ray.yaml): a head and one worker node on loopback, each a
-# `ray start` from the serving venv; dashboard http://127.0.0.1:8265, state and logs under .llmhost/ray.
+# `ray start` from the serving venv; this machine's GPUs are shared out over the nodes (none: --num-gpus 0);
+# dashboard http://127.0.0.1:8265, state and logs under .llmhost/ray.
 ray-up: env runtime
 	$(VENV)/bin/python -m tasks.serving.ray_cluster up
 
 ray-down: env
 	$(VENV)/bin/python -m tasks.serving.ray_cluster down
+
+# Team mode: PostgreSQL (the Debian package's initdb + pg_ctl, in a folder) and an MLflow server on it with proxied
+# artifacts, under .llmhost/team; then `source .llmhost/team/team.env` (LLMHOST_STORE_URL, MLFLOW_TRACKING_URI).
+team-up: env
+	$(VENV)/bin/python -m tasks.core.team up
+
+team-down: env
+	$(VENV)/bin/python -m tasks.core.team down
 
 screenshots: env runtime
 	$(VENV)/bin/python scripts/screenshots.py --out docs/screenshots

@@ -1,4 +1,4 @@
-"""Builds the gateway ASGI app: OpenAI-compatible /v1 routes, /metrics and /health.
+"""Builds the gateway ASGI app: OpenAI-compatible /v1 routes, /metrics, /health and /openapi.json.
 
 Proxied routes skip FastAPI (see GatewayApp) and do no body validation: the gateway passes bodies through,
 and validating them would cost time on every request and duplicate vLLM's own checks.
@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.dashboard import mount as mount_dashboard
+from gateway.openapi import openapi_document
 from gateway.protocol import ApiError
 from gateway.proxy import Gateway, error_response
 from tasks.core.settings import Settings, get_settings
@@ -68,12 +69,16 @@ def create_app(store_url: str | None = None, settings: Settings | None = None, *
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "endpoints": len(gw.routes)})
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     app.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_route("/v1/models", gw.models, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
     app.add_route("/health", health, methods=["GET"])
+    app.add_route("/openapi.json", openapi, methods=["GET"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:

@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from gateway.auth import KeyCache
 from gateway.external import ExternalConfigs, kept_error_headers
+from gateway.hold import hold_while_swapping
 from gateway.metering import Meter, Metrics
 from gateway.protocol import (
     STREAMABLE,
@@ -54,6 +55,9 @@ log = logging.getLogger("llmhost.gateway")
 
 _JSON = "application/json"
 _UPSTREAM_HEADERS = {"content-type": _JSON}
+# Marks an error answer as relayed: the replica's or provider's status, or "none" when it gave no answer. A 5xx
+# without it is the gateway's own (a bug, or a verdict such as no healthy replica).
+UPSTREAM_STATUS = "x-llmhost-upstream-status"
 
 
 def error_response(exc: ApiError) -> Response:
@@ -195,7 +199,7 @@ class Gateway:
             return error_response(exc)
         cards = []
         for name, route in sorted(self.routes.items()):
-            if route.status != "active" or not route.allows(key):
+            if route.status not in ("active", "swapping") or not route.allows(key):
                 continue
             created = int(route.created_at.timestamp())
             owner = route.owner or "llmhost"
@@ -266,6 +270,7 @@ class Gateway:
         if not isinstance(payload, dict):
             raise ApiError(400, "The request body must be a JSON object.", type="invalid_request_error",
                            code="invalid_json")
+        await hold_while_swapping(self, split_model(payload.get("model"))[0], key)
         route = self._resolve(payload, key, row)
         stream = kind in STREAMABLE and payload.get("stream") is True
         client_wants_usage = True
@@ -313,6 +318,8 @@ class Gateway:
         if resp.status_code == 200:
             with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
                 prompt, completion = usage_of(orjson.loads(data))
+        elif resp.status_code >= 400:
+            headers[UPSTREAM_STATUS] = str(resp.status_code)
         latency_ms = (time.perf_counter() - t0) * 1000.0
         await self.meter.durable(self._finish(row, t0, resp.status_code, prompt, completion, latency_ms))
         headers["content-type"] = resp.content_type or _JSON
@@ -328,6 +335,8 @@ class Gateway:
             replica = self.pool.pick(route, tried)
             if replica is None:
                 why = f" (last error: {last_err})" if last_err else ""
+                if any(r.state == "restarting" for r in route.replicas):  # its supervisor is bringing it back
+                    why += ", a crashed replica is restarting"
                 raise ApiError(503, f"Endpoint {route.name!r} has no healthy replica right now{why}: retry "
                                f"in {self.retry_after}s; if it persists, check `llmhost endpoints list` and "
                                "the replica logs.", type="server_error", code="no_healthy_replica",
@@ -355,7 +364,7 @@ class Gateway:
                     "replica's log")
         log.warning("replica %s of %s: %s: %s", replica.name, endpoint, type(exc).__name__, exc)
         return ApiError(502, f"Replica {replica.name} of endpoint {endpoint!r} {what}.", type="server_error",
-                        code="replica_failed")
+                        code="replica_failed", headers={UPSTREAM_STATUS: "none"})
 
     def _finish(self, row: dict[str, Any], t0: float, status: int, prompt: int | None, completion: int | None,
                 latency_ms: float | None, ttft_ms: float | None = None,
@@ -401,7 +410,7 @@ class Gateway:
             resp = await self.upstream.post(cfg.base_url + UPSTREAM_PATHS[kind], orjson.dumps(body), send_headers)
         except (ConnectFailed, UpstreamTimeout, UpstreamFailed) as exc:
             raise ApiError(502, cfg.unreachable(exc), type="server_error", code="provider_unreachable",
-                           headers=headers) from None
+                           headers={**headers, UPSTREAM_STATUS: "none"}) from None
         if stream and resp.status_code == 200:
             headers["content-type"] = resp.content_type or "text/event-stream; charset=utf-8"
             return StreamPassthrough(self, resp, row, t0, client_wants_usage, headers, release=lambda: None,
@@ -412,11 +421,12 @@ class Gateway:
             complete = True
         except (UpstreamTimeout, UpstreamFailed) as exc:
             raise ApiError(502, cfg.unreachable(exc), type="server_error", code="provider_unreachable",
-                           headers=headers) from None
+                           headers={**headers, UPSTREAM_STATUS: "none"}) from None
         finally:
             resp.close(complete=complete)
         if resp.status_code != 200:
-            raise cfg.error(resp.status_code, data, {**headers, **kept_error_headers(resp.header)}, key)
+            raise cfg.error(resp.status_code, data, {**headers, **kept_error_headers(resp.header),
+                                                     UPSTREAM_STATUS: str(resp.status_code)}, key)
         usage = None
         with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
             obj = orjson.loads(data)

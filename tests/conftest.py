@@ -94,6 +94,46 @@ def vllm_server(demo_model_dir: Path):
         target.stop(replica)
 
 
+@pytest.fixture(scope="session")
+def team_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Team mode's PostgreSQL (tasks.core.team, as `make team-up` starts it) for the session; a test that needs its
+    MLflow server calls `team_services.up()`, which starts that too."""
+    import shutil
+    import tempfile
+
+    from tasks.core.team import TeamServices, postgres_available
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL's initdb/pg_ctl/postgres are absent: apt-get install postgresql (.ci/run does)")
+    # As root, PostgreSQL runs as another user, who cannot enter pytest's root-only tmp dir; /tmp itself is open.
+    pg_root = Path(tempfile.mkdtemp(prefix="llmhost-test-pg-"))
+    team = TeamServices(tmp_path_factory.mktemp("team"), pg_root=pg_root)
+    try:
+        team.up(with_mlflow=False)
+        yield team
+    finally:
+        team.down()
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty store for one test, as a SQLite file and as a database on team mode's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    import hashlib
+
+    from tasks.store.schema import _engines
+
+    name = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    url = request.getfixturevalue("team_services").create_database(name)
+    yield url
+    engine = _engines.pop(url, None)  # close its connections: the cluster serves the whole session
+    if engine is not None:
+        engine.dispose()
+
+
 @pytest.fixture()
 def openai_client(vllm_server):
     import openai
@@ -151,6 +191,7 @@ def finetune_runs() -> int:
 
 STANDIN_KEY_ENV = "LLMHOST_STANDIN_KEY"
 STANDIN_SECRET = "sk-standin-secret-9d2e7b41"  # noqa: S105 - a test value that must appear nowhere afterwards
+HF_TOKEN_SECRET = "hf_llmhostTestToken7c1e5a90d2"  # noqa: S105 - HF_TOKEN during the resumed run: found nowhere after
 STANDIN_TEST_STEPS = 40
 LIFECYCLE_SATURATION = 16  # the demo runs it at the tier's max_num_seqs (128 on CPU)
 LIFECYCLE_EVAL_LIMIT = 80  # four comparisons in the resumed run; 80 examples tell 0.0 from 0.9 apart
@@ -170,6 +211,7 @@ class LifecycleRun:
     summary: Any
     rerun_started_at: float  # time.time() when the resumed run (the one with the frontier branch) began
     promote_links: dict[str, Any] | None  # the lifecycle's `promote` audit entry, if it promoted
+    gateway_keys: list[str]  # the raw gateway keys the resumed run minted (its eval calls' service keys)
 
 
 @pytest.fixture(scope="session")
@@ -196,12 +238,32 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
         started_at = time.time()
         # The resumed run takes the frontier branch against the demo's stand-in (trained briefly here: the test
         # is about the branch, not the stand-in's strength), with a "frontier key" set that must leak nowhere.
+        # HF_TOKEN is set too (every step and child process sees it), and the gateway keys the run mints for its eval
+        # calls are recorded as they are created: none of these values may be written anywhere.
         os.environ[STANDIN_KEY_ENV] = STANDIN_SECRET
+        old_hf_token = os.environ.get("HF_TOKEN")
+        os.environ["HF_TOKEN"] = HF_TOKEN_SECRET
+        from tasks import store
+
+        minted: list[str] = []
+        create_key = store.create_key
+
+        def recording_create_key(*args: Any, **kwargs: Any) -> Any:
+            created = create_key(*args, **kwargs)
+            minted.append(created.raw)
+            return created
+
+        store.create_key = recording_create_key  # type: ignore[assignment]
         try:
             summary = lifecycle(LifecycleParams(frontier_standin=True, standin_steps=STANDIN_TEST_STEPS,
                                                 eval_limit=LIFECYCLE_EVAL_LIMIT, saturation=LIFECYCLE_SATURATION))
         finally:
+            store.create_key = create_key  # type: ignore[assignment]
             os.environ.pop(STANDIN_KEY_ENV, None)
+            if old_hf_token is None:
+                os.environ.pop("HF_TOKEN", None)
+            else:
+                os.environ["HF_TOKEN"] = old_hf_token
         wall = time.monotonic() - t0
         promoted = [e for e in audit.entries(action="promote") if e.subject == "model:demo"]
         # Read now: later modules register `demo` again and point its champion alias elsewhere.
@@ -209,4 +271,5 @@ def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> Lifecycl
                             runs_after_rerun=finetune_runs(), champion_before=champion_before,
                             aliases_after=current_aliases("demo"), rerun_wall_s=wall, summary=summary,
                             rerun_started_at=started_at,
-                            promote_links=json.loads(promoted[-1].links) if summary.promoted and promoted else None)
+                            promote_links=json.loads(promoted[-1].links) if summary.promoted and promoted else None,
+                            gateway_keys=minted)

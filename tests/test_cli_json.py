@@ -150,7 +150,8 @@ def test_endpoints_list_and_show_json(operated: dict[str, str], capsys):
     live = [r for r in revisions if r["live"]]
     assert len(live) == 1 and live[0]["revision"] == e["live_revision"]
     assert live[0]["adapters"] == {"tuned": "t-v3"} and len(live[0]["replicas"]) == 2
-    assert set(live[0]["replicas"][0]) == {"name", "state", "url", "kv_cache_tokens", "pid", "log_path"}
+    assert set(live[0]["replicas"][0]) == {"name", "state", "url", "kv_cache_tokens", "pid", "log_path", "gpus"}
+    assert "facts" in live[0]  # sizing, placement, swap: what the revision ran with beyond its spec
 
 
 def test_keys_list_json_never_holds_a_secret(operated: dict[str, str], capsys):

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import STANDIN_SECRET, LifecycleRun, gateway_port_env
+from conftest import HF_TOKEN_SECRET, STANDIN_SECRET, LifecycleRun, gateway_port_env
 
 from tasks.core.settings import PROJECT_ROOT
 from tasks.serving.local import free_port
@@ -120,10 +120,25 @@ def _block(lines: list[str], head: str) -> list[str]:
     return block
 
 
-def test_the_frontier_key_appears_nowhere_after_the_run(lifecycle_run: LifecycleRun, llmhost_home: Path):
-    """The resumed run had the stand-in's key variable set: its value is in no file of the state dir (store,
-    MLflow database with its traces, artifacts, logs), nor in the Prefect database or the results it wrote."""
+def test_no_secret_of_the_run_appears_anywhere_after_it(lifecycle_run: LifecycleRun, llmhost_home: Path):
+    """The resumed run had a frontier key, HF_TOKEN and the gateway keys it minted in play: none of their values is
+    in any file of the state dir (store with its audit log, MLflow database with runs, params and traces, artifacts,
+    logs), nor in Prefect's database or the results it wrote."""
     from prefect.settings import get_current_settings
+
+    from tasks.store.keys import split_key
+
+    assert lifecycle_run.gateway_keys, "the run minted no gateway key: its evals did not call the gateway"
+    secrets = {"the frontier key": STANDIN_SECRET, "HF_TOKEN": HF_TOKEN_SECRET}
+    for i, raw in enumerate(lifecycle_run.gateway_keys):
+        secrets[f"gateway key {i}"] = raw
+        secrets[f"gateway key {i}'s secret"] = split_key(raw)[1]  # llmh-<public prefix>-<secret>
+    needles = {what: value.encode() for what, value in secrets.items()}
+
+    def scan(f: Path) -> None:
+        data = f.read_bytes()
+        leaked = [what for what, needle in needles.items() if needle in data]
+        assert not leaked, f"{', '.join(leaked)} leaked into {f}"
 
     settings = get_current_settings()
     places: list[Path] = [llmhost_home]
@@ -131,17 +146,18 @@ def test_the_frontier_key_appears_nowhere_after_the_run(lifecycle_run: Lifecycle
     db_url = settings.server.database.connection_url
     db = db_url.get_secret_value() if db_url is not None and hasattr(db_url, "get_secret_value") else str(db_url)
     if db and db.startswith("sqlite"):
-        places.append(Path(db.split("///", 1)[1]))
+        db_path = Path(db.split("///", 1)[1])
+        places += [p for p in (db_path, Path(f"{db_path}-wal")) if p.exists()]
     checked = 0
     for place in places:
         files = [place] if place.is_file() else [p for p in place.rglob("*") if p.is_file()]
         for f in files:
-            assert STANDIN_SECRET.encode() not in f.read_bytes(), f"the frontier key leaked into {f}"
+            scan(f)
             checked += 1
     if storage.is_dir():  # shared by every run on this machine: the results written since the run began
         for f in storage.rglob("*"):
             if f.is_file() and f.stat().st_mtime >= lifecycle_run.rerun_started_at - 1:
-                assert STANDIN_SECRET.encode() not in f.read_bytes(), f"the frontier key leaked into {f}"
+                scan(f)
                 checked += 1
     assert checked > 10, places
 

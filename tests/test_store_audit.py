@@ -1,4 +1,5 @@
-"""The control-plane store and the hash-chained audit log, on real SQLite files (one per test)."""
+"""The control-plane store and the hash-chained audit log, each test on a fresh SQLite file and a fresh PostgreSQL
+database (team mode's cluster; tests/conftest.py `store_url`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from tasks import store
 from tasks.core.errors import AccessError, ConfigError, GatewayError
@@ -19,16 +20,17 @@ from tasks.store import audit
 
 
 @pytest.fixture()
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "store.db"
+def engine(store_url: str) -> Engine:
+    return store.get_engine(store_url)
 
 
-@pytest.fixture()
-def engine(db: Path) -> Engine:
-    return store.get_engine(f"sqlite:///{db}")
+def _sql(engine: Engine, statement: str, **params: object) -> None:
+    """Change rows behind the store's back, as someone with database access could."""
+    with engine.begin() as c:
+        c.execute(text(statement), params)
 
 
-def test_key_lifecycle(engine: Engine, db: Path):
+def test_key_lifecycle(engine: Engine, tmp_path: Path):
     created = store.create_key("alice", team="ml", expires_in=timedelta(days=30), actor="admin",
                                engine=engine)
     raw, info = created.raw, created.info
@@ -50,9 +52,10 @@ def test_key_lifecycle(engine: Engine, db: Path):
     assert [k.revoked_at is not None for k in store.list_keys(engine=engine)] == [True]
 
     # only a salted scrypt hash is stored
-    row = sqlite3.connect(db).execute("SELECT salt, key_hash FROM api_keys").fetchone()
+    with engine.connect() as c:
+        row = c.execute(text("SELECT salt, key_hash FROM api_keys")).one()
     assert row[1].startswith("scrypt:") and secret not in row[1]
-    for path in db.parent.glob("store.db*"):
+    for path in tmp_path.glob("store.db*"):  # SQLite: not in the file or its WAL either
         assert secret.encode() not in path.read_bytes()
 
 
@@ -168,7 +171,7 @@ def test_usage_rows_and_summary(engine: Engine):
     assert (recent.requests, recent.prompt_tokens) == (2, 3)
 
 
-def test_audit_chain_verifies_and_detects_edits(engine: Engine, db: Path):
+def test_audit_chain_verifies_and_detects_edits(engine: Engine):
     store.create_key("dave", team="ml", actor="admin", engine=engine)
     store.upsert_endpoint("ep", owner="ops", actor="admin", engine=engine)
     store.grant("ep", user="dave", actor="admin", engine=engine)
@@ -177,31 +180,23 @@ def test_audit_chain_verifies_and_detects_edits(engine: Engine, db: Path):
     ok = audit.verify(engine=engine)
     assert ok.ok and ok.entries == 4, ok.summary()
 
-    con = sqlite3.connect(db)
-    con.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
-    con.commit()
+    _sql(engine, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
     bad = audit.verify(engine=engine)
     assert not bad.ok and bad.bad_seq == 2 and "edited" in bad.problem
 
-    con.execute("UPDATE audit_log SET actor = 'admin' WHERE seq = 2")  # put it back: verifies again
-    con.commit()
+    _sql(engine, "UPDATE audit_log SET actor = 'admin' WHERE seq = 2")  # put it back: verifies again
     assert audit.verify(engine=engine).ok
 
     # Recomputing the edited row's own hash does not help: the next row's link breaks.
-    row = con.execute("SELECT * FROM audit_log WHERE seq = 3").fetchone()
-    con.execute("UPDATE audit_log SET after = '{\"endpoint\":\"ep\",\"user\":\"mallory\"}' WHERE seq = 3")
-    con.commit()
+    _sql(engine, "UPDATE audit_log SET after = :after WHERE seq = 3", after='{"endpoint":"ep","user":"mallory"}')
     with store.session_scope(engine) as s:
         e = s.get(store.AuditEntry, 3)
         forged = audit.entry_hash(e)
-    con.execute("UPDATE audit_log SET hash = ? WHERE seq = 3", (forged,))
-    con.commit()
+    _sql(engine, "UPDATE audit_log SET hash = :forged WHERE seq = 3", forged=forged)
     bad = audit.verify(engine=engine)
     assert not bad.ok and bad.bad_seq == 4 and "prev_hash" in bad.problem
-    assert row is not None
 
-    con.execute("DELETE FROM audit_log WHERE seq = 3")
-    con.commit()
+    _sql(engine, "DELETE FROM audit_log WHERE seq = 3")
     assert audit.verify(engine=engine).bad_seq == 3
 
 

@@ -205,13 +205,14 @@ def test_no_answered_request_loses_its_usage_row_across_kill_9(upstream: Upstrea
     assert sum(r["answered_200"] - r["stored_before_restart"] for r in report) > 0, report
 
 
-def test_journal_replay_writes_each_row_once(tmp_path: Path) -> None:
+def test_journal_replay_writes_each_row_once(tmp_path: Path, store_url: str) -> None:
+    """On SQLite and PostgreSQL: a row stored twice (replay after a flush, a retried flush) is kept once."""
     from datetime import UTC, datetime
 
     from gateway.journal import Journal, replay
     from tasks.store.usage import USAGE_FIELDS, add_usage
 
-    engine = store.get_engine(f"sqlite:///{tmp_path / 'replay.db'}")
+    engine = store.get_engine(store_url)
     rows = [{"ts": datetime.now(UTC), "route": "chat", "stream": False, "status_code": 200, "latency_ms": 1.0,
              "key_prefix": "replay", "request_id": f"r-{i}"} for i in range(5)]
     journal = Journal(tmp_path / "j")

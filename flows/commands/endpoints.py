@@ -133,9 +133,14 @@ def show(
         for i, (url, state) in enumerate(lines or [("-", "")]):
             t.add_row(*(head if i == 0 else [""] * len(head)), short(url, 16), short(state, 12))
     out.print(t)
+    failures = store.replica_failures(name)  # what a replica's supervisor recorded when it gave up restarting it
     for rv in revisions[:5]:
         if rv.reason:
             out.print(short(f"{rv.revision[:8]}: {rv.reason}", 79), highlight=False, markup=False)
+        for r in rv.replicas:
+            if r.state == "failed" and r.name in failures:
+                out.print(short(f"{rv.revision[:8]} {r.name} failed: {failures[r.name].get('reason')}", 79),
+                          highlight=False, markup=False)
         for topic, value in rv.facts.items():
             out.print(short(f"{rv.revision[:8]} {topic}: {facts_text(value)}", 79), highlight=False, markup=False)
     out.print("* = live revision; +N = LoRA adapters; full values: --json")

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 
 from gateway.dashboard.data import Buckets, percentile
 from gateway.dashboard.tables import ReplicaSample, dashboard_session, ensure_tables
-from tasks.store.routes import latency_rows, list_endpoints, list_replicas, request_counts_since
+from tasks.store.routes import latency_rows, list_endpoints, list_replicas, replica_failures, request_counts_since
 
 LOG_LINES = 80
 
@@ -28,6 +28,7 @@ class ReplicaHealth:
     log_path: str | None
     log_tail: list[str]
     last_sample: dict[str, Any] | None
+    failure: str | None = None  # why its supervisor gave up restarting it
 
 
 @dataclass
@@ -116,6 +117,7 @@ def health_view(engine: Engine, endpoint: str, window: str, now: datetime | None
         last[x.replica_id] = x
 
     replicas = []
+    failures = replica_failures(endpoint, engine=engine)
     for r in list_replicas(endpoint, engine=engine):
         smp = last.get(r.id)
         replicas.append(
@@ -148,6 +150,7 @@ def health_view(engine: Engine, endpoint: str, window: str, now: datetime | None
                 }
                 if smp
                 else None,
+                failures.get(r.name, {}).get("reason") if r.state == "failed" else None,
             )
         )
     view = next((v for v in list_endpoints(engine=engine) if v.name == endpoint), None)

@@ -20,6 +20,10 @@ class SizingError(LlmhostError):
     """The model does not fit, or its config lacks what sizing needs."""
 
 
+class PlacementError(LlmhostError):
+    """A replica gets no GPUs: too few free on this host, or none in the Ray cluster; names what there is."""
+
+
 class RegistryError(LlmhostError):
     """Registering or resolving a model failed."""
 

@@ -19,7 +19,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMHOST_", extra="ignore")
 
     home: Path = Field(default=Path(".llmhost"), description="State dir: MLflow, store, runtime logs.")
-    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite under home.")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI, used when MLFLOW_TRACKING_URI is unset; default sqlite under "
+        "home.",
+    )
     store_url: str | None = Field(default=None, description="SQLAlchemy URL of the control-plane store.")
     vllm_python: Path = Field(
         default=PROJECT_ROOT / ".venv-vllm" / "bin" / "python",
@@ -35,11 +38,24 @@ class Settings(BaseSettings):
     tiers_file: Path | None = Field(default=None, description="Extra hardware tiers YAML, merged over the catalog.")
     startup_timeout_s: float = Field(default=600.0, gt=0, description="Deadline for a replica's /health.")
     stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM grace before SIGKILL.")
+    replica_max_restarts: int = Field(
+        default=5, ge=0, description="Restarts of a crashed local replica allowed within replica_restart_window_s; "
+        "one more crash in the window marks it `failed` (0: never restart).",
+    )
+    replica_restart_window_s: float = Field(default=600.0, gt=0, description="Window that counts restarts (s).")
+    replica_restart_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before the first restart; it doubles with each restart in the window.",
+    )
+    replica_restart_backoff_max_s: float = Field(default=30.0, gt=0, description="Cap of the restart wait (s).")
     gateway_host: str = Field(default="127.0.0.1")
     gateway_port: int = Field(default=8000, gt=0, lt=65536)
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Gateway -> replica connect timeout.")
     read_timeout_s: float = Field(default=300.0, gt=0, description="Gateway -> replica read timeout.")
     health_interval_s: float = Field(default=5.0, gt=0, description="Gateway replica health probe period.")
+    swap_hold_s: float = Field(
+        default=120.0, gt=0, description="How long the gateway holds a request for an endpoint that is swapping "
+        "revisions in place (swap: hold or sleep) before it answers 503 with Retry-After.",
+    )
     health_slow_probes: int = Field(
         default=3, gt=0, description="Timed-out /health probes in a row before the gateway marks a replica down "
         "(a refused connection or a non-200 answer marks it down at once).",
@@ -64,7 +80,15 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.home_abs / 'mlflow.db'}"
+        """MLFLOW_TRACKING_URI (MLflow's own variable, so a team's server is found the usual way), else
+        LLMHOST_TRACKING_URI, else sqlite under home. Registry and tracking always share it."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri or f"sqlite:///{self.home_abs / 'mlflow.db'}"
+
+    @property
+    def mlflow_is_server(self) -> bool:
+        """True for a tracking server (http, https, databricks), which picks the artifact root (proxied artifacts);
+        False for a store MLflow opens itself (sqlite, a database URL, files), where llmhost picks one under home."""
+        return self.mlflow_uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "databricks-uc")
 
     @property
     def artifact_root(self) -> str:

@@ -1,4 +1,5 @@
-"""MLflow wiring shared by every step: one tracking/registry URI, experiments with a file:// artifact root."""
+"""MLflow wiring shared by every step: one tracking/registry URI; experiments get a file:// artifact root under the
+state dir unless a tracking server picks its own."""
 
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def _slug(name: str) -> str:
 
 
 def get_or_create_experiment(name: str) -> str:
-    """Experiment id for `name`, creating it with an artifact location under `settings.artifact_root`.
+    """Experiment id for `name`, creating it if missing.
 
-    A sqlite-backed MLflow would otherwise default artifacts to `./mlruns` relative to the cwd, so every
-    experiment is created with an explicit file:// location under the state dir.
+    A sqlite-backed MLflow would otherwise default artifacts to `./mlruns` relative to the cwd, so such an
+    experiment is created with an explicit file:// location under the state dir. A tracking server chooses its
+    own (with proxied artifacts, `mlflow-artifacts:/`): a client's local path would exist only on that client.
     """
     client = mlflow_client()
     existing = client.get_experiment_by_name(name)
@@ -52,7 +54,8 @@ def get_or_create_experiment(name: str) -> str:
         return str(existing.experiment_id)
     from mlflow.exceptions import MlflowException
 
-    location = f"{get_settings().artifact_root}/{_slug(name)}"
+    settings = get_settings()
+    location = None if settings.mlflow_is_server else f"{settings.artifact_root}/{_slug(name)}"
     try:
         return str(client.create_experiment(name, artifact_location=location))
     except MlflowException:

@@ -15,6 +15,7 @@ from tasks import store
 from tasks.deploy.plan import REPLICA_ENV, RevisionPlan, device_for
 from tasks.deploy.spec import EndpointSpec, pinned_spec
 from tasks.serving.base import Replica, Target
+from tasks.serving.gpus import cluster_gpus, place_for, ray_nodes
 from tasks.serving.local import LocalTarget
 from tasks.serving.ray import RaySettings, RayTarget
 
@@ -36,9 +37,12 @@ def _as_replica(row: store.ReplicaRow) -> Replica:
 
 
 def target_for(spec: EndpointSpec) -> Target:
-    """The serving target a spec names; the ray one carries the spec's cluster address and scaling."""
+    """The serving target a spec names; the ray one carries the spec's cluster address and scaling, and its
+    device (for `hardware: auto`, whether the cluster has GPUs)."""
     if spec.target == "ray":
-        return RayTarget(spec.ray or RaySettings(), device=device_for(spec.hardware))
+        settings = spec.ray or RaySettings()
+        gpus = cluster_gpus(ray_nodes(settings)) if spec.hardware == "auto" else None
+        return RayTarget(settings, device=device_for(spec.hardware, gpus))
     return LocalTarget()
 
 
@@ -63,18 +67,28 @@ def start_replicas(
     actor: str,
     register: bool = True,
     target: Target | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[list[Replica], list[int]]:
     """Starts every replica of the plan, recorded as `starting`; on a failed start, stops the ones already up.
 
     `register=False` defers the store rows (used when the revision is already live: rows of a live revision
-    take traffic at once, and these have not passed their smoke test yet).
+    take traffic at once, and these have not passed their smoke test yet). `env` adds to REPLICA_ENV.
+    First the replicas are placed on GPUs (tasks.serving.gpus): one that cannot be raises PlacementError before
+    anything starts or is recorded; a placement is recorded as the revision's `placement` fact.
     """
     target = target or LocalTarget()
+    gpus, placement = place_for(target, plan.vllm, replicas)
+    if placement is not None:
+        store.set_revision_facts(plan.endpoint, revision_id, "placement", placement, actor=actor)
     started: list[Replica] = []
     row_ids: list[int] = []
     try:
         for i in range(replicas):
-            r = target.start(plan.vllm, name=f"{plan.endpoint}-{plan.content_hash[:8]}-{i}", env=REPLICA_ENV)
+            name, full_env = f"{plan.endpoint}-{plan.content_hash[:8]}-{i}", {**REPLICA_ENV, **(env or {})}
+            if gpus and isinstance(target, LocalTarget):
+                r = target.start(plan.vllm, name=name, env=full_env, gpus=gpus[i])
+            else:
+                r = target.start(plan.vllm, name=name, env=full_env)
             started.append(r)
             if register:
                 row_ids.append(register_replica(plan, revision_id, r, "starting", actor).id)
@@ -99,6 +113,7 @@ def register_replica(plan: RevisionPlan, revision_id: int, r: Replica, state: st
         pid=r.pid,
         log_path=r.log_path,
         target=r.target,
+        gpus=",".join(str(g) for g in r.gpus) or None,
         actor=actor,
     )
     return row

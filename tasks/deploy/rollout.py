@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tasks import store
-from tasks.core.errors import ConfigError, DeployError, ReplicaStartError, TransientError
+from tasks.core.errors import ConfigError, DeployError, PlacementError, ReplicaStartError, TransientError
 from tasks.deploy.external import check_fallback, plan_external
 from tasks.deploy.plan import RevisionPlan, plan_revision, sizing_request
 from tasks.deploy.replicas import (
@@ -26,6 +26,8 @@ from tasks.deploy.replicas import (
     target_for,
 )
 from tasks.deploy.spec import EndpointSpec
+from tasks.deploy.swap import begin_swap, finish_swap
+from tasks.deploy.vllm_args import check_extra_args
 from tasks.serving.base import Replica, Target
 from tasks.serving.local import has_cuda_gpu
 from tasks.size import size_model
@@ -45,6 +47,8 @@ class SizingOutcome(BaseModel):
     explanation: str
     reason: str | None = Field(default=None, description="Why it was refused, one line.")
     kv_capacity_tokens: int | None = None
+    weight_bytes: int = Field(default=0, description="Per replica; with overhead_bytes, what a swap needs free.")
+    overhead_bytes: int = 0
 
 
 class DeployResult(BaseModel):
@@ -58,6 +62,7 @@ class DeployResult(BaseModel):
     sizing_markdown: str | None = None
     tool_calling: str | None = None
     drain: list[DrainReport] = Field(default_factory=list)
+    swap: dict[str, Any] | None = Field(default=None, description="How it replaced the live revision (its swap fact).")
     seconds: float = 0.0
 
 
@@ -82,6 +87,7 @@ class _Rollout:
     target: Target | None = None
     replicas: list[Replica] = field(default_factory=list)
     row_ids: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # on top of REPLICA_ENV (sleep mode's dev routes)
 
     @property
     def name(self) -> str:
@@ -131,6 +137,8 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
     `store.DeployInProgress`, naming the holder, before it creates anything.
     """
     actor = actor or audit.default_actor()
+    if spec.target != "external":  # a bad vLLM argument is refused before anything is recorded or started
+        check_extra_args(spec.vllm.extra_args)
     with store.deploy_lease(spec.name, actor=actor):
         if spec.target == "external":
             return deploy_external(spec, actor=actor, force=force)
@@ -141,13 +149,22 @@ def deploy(spec: EndpointSpec, *, actor: str | None = None, force: bool = False)
         sizing = size(ro)
         if not sizing.fits:
             return refuse(ro, sizing)
-        start(ro)
-        reports = smoke(ro)
+        swap = begin_swap(ro, sizing)  # where both revisions cannot run at once, the old one stops or sleeps
+        try:
+            start(ro)
+            reports = smoke(ro)
+        except Exception:
+            finish_swap(ro, swap, served=False)
+            raise
         if not all(rp.passed for rp in reports):
-            return discard(ro, reports, sizing)
+            failed = discard(ro, reports, sizing)
+            finish_swap(ro, swap, served=False)
+            return failed
         old_rows = switch(ro)
-        return ro.result("live", _live_message(ro), replicas=ro.replicas, smoke=reports,
-                         sizing_markdown=sizing.explanation, drain=drain(ro, old_rows))
+        finish_swap(ro, swap, served=True)
+        paused = f" (swap: {swap.strategy}, clients held {swap.pause_s:g} s)" if swap.in_place else ""
+        return ro.result("live", _live_message(ro) + paused, replicas=ro.replicas, smoke=reports,
+                         sizing_markdown=sizing.explanation, drain=drain(ro, old_rows), swap=swap.facts())
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -161,15 +178,18 @@ def apply_access(spec: EndpointSpec, *, actor: str) -> None:
 
 
 def plan(spec: EndpointSpec, *, actor: str) -> _Rollout:
-    """Plan: the endpoint's row and grants, then the revision (nothing recorded about it yet)."""
+    """Plan: the revision (nothing recorded about it yet), then the endpoint's row and grants.
+
+    The revision is resolved first so that a spec naming an unknown model or adapter creates nothing.
+    """
     t0 = time.monotonic()
     check_fallback(spec)
+    planned = plan_revision(spec)
     store.upsert_endpoint(
         spec.name, description=spec.description, usage_notes=spec.usage_notes, owner=spec.owner,
         fallback=spec.fallback or "", actor=actor,
     )
     apply_access(spec, actor=actor)
-    planned = plan_revision(spec)
     return _Rollout(spec=spec, actor=actor, plan=planned, live=live_revision(spec.name), t0=t0)
 
 
@@ -201,6 +221,8 @@ def record_revision(ro: _Rollout) -> None:
         actor=ro.actor,
     )
     ro.rev_id = rev.id
+    if p.sizing is not None and (rev.facts or {}).get("sizing") != p.sizing.facts():
+        store.set_revision_facts(ro.name, rev.id, "sizing", p.sizing.facts(), actor=ro.actor)
     ro.record(
         "deploy.plan",
         {
@@ -218,8 +240,8 @@ def record_revision(ro: _Rollout) -> None:
 
 
 def size_plan(plan: RevisionPlan, spec: EndpointSpec) -> SizingOutcome:
-    """Sizes the revision with the spec's sizing request (auto: this machine's CPU tier, or the cheapest GPU tier)."""
-    estimate = size_model(plan.model_dir, sizing_request(spec))
+    """The fit gate on the values planning applied (plan.sizing); a plan without them is sized from the spec."""
+    estimate = plan.estimate or size_model(plan.model_dir, sizing_request(spec))
     chosen = estimate.recommendation.tier
     if not estimate.fits:
         why = estimate.refusal
@@ -238,6 +260,8 @@ def size_plan(plan: RevisionPlan, spec: EndpointSpec) -> SizingOutcome:
         tier=chosen,
         explanation=estimate.explanation,
         kv_capacity_tokens=estimate.kv_capacity_tokens,
+        weight_bytes=estimate.weight_bytes,
+        overhead_bytes=estimate.overhead_bytes,
     )
 
 
@@ -273,15 +297,18 @@ def refuse(ro: _Rollout, sizing: SizingOutcome) -> DeployResult:
 
 
 def start(ro: _Rollout) -> None:
-    """Start: every replica of the revision; a failed start fails the revision, the old one keeps serving."""
+    """Start: place every replica of the revision on GPUs, then start it; a replica that cannot be placed or
+    started fails the revision, and the old one keeps serving."""
     ro.set_status("starting", "")
     try:
         ro.target = target_for(ro.spec)
         ro.replicas, ro.row_ids = start_replicas(
-            ro.plan, ro.rev_id, rows_per_revision(ro.spec), actor=ro.actor, register=not ro.same, target=ro.target
+            ro.plan, ro.rev_id, rows_per_revision(ro.spec), actor=ro.actor, register=not ro.same, target=ro.target,
+            env=ro.env,
         )
     except Exception as exc:
-        ro.set_status("failed", f"replica start failed: {exc}"[:2000])
+        why = "placement refused it" if isinstance(exc, PlacementError) else "replica start failed"
+        ro.set_status("failed", f"{why}: {exc}"[:2000])
         ro.record("deploy.start", {"ok": False, "error": str(exc)[:2000]})
         if not isinstance(exc, ReplicaStartError):
             raise

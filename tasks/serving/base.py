@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 Quantization = Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"]
-ReplicaState = Literal["starting", "up", "down", "failed", "stopped"]
+ReplicaState = Literal["starting", "up", "down", "restarting", "failed", "stopped"]
 
 
 class VllmArgs(BaseModel):
@@ -85,6 +85,7 @@ class Replica(BaseModel):
     startup_seconds: float | None = None
     started_at: datetime | None = None
     args: list[str] = Field(default_factory=list)
+    gpus: list[int] = Field(default_factory=list, description="GPUs (NVML indices) a local replica was placed on.")
 
     @property
     def root_url(self) -> str:

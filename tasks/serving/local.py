@@ -9,7 +9,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,7 +77,12 @@ def _tail(path: Path, lines: int) -> str:
 
 
 class LocalTarget:
-    """Runs each replica as its own process group so that stop() leaves no child behind."""
+    """Runs each replica as its own process group so that stop() leaves no child behind.
+
+    A replica's pid is its supervisor's, which is also the group id: vLLM runs as the supervisor's child, and is
+    restarted on the same port when it exits unexpectedly (`llmhost endpoints show` lists a replica that crashed
+    too often as `failed`, with the reason).
+    """
 
     name = "local"
 
@@ -85,7 +92,7 @@ class LocalTarget:
         self.host = host
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
-    def _env(self, args: VllmArgs, extra: dict[str, str] | None) -> dict[str, str]:
+    def _env(self, args: VllmArgs, extra: dict[str, str] | None, gpus: Sequence[int] | None = None) -> dict[str, str]:
         env = dict(os.environ)
         # The runtime venv must not see the control plane's interpreter paths.
         for var in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
@@ -100,6 +107,10 @@ class LocalTarget:
         if args.enable_lora or args.lora_modules:
             # Lets the control plane hot-load adapters with /v1/load_lora_adapter, no restart.
             env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        if gpus:
+            # The replica's placement (tasks.serving.gpus), in NVML's numbering: CUDA must count in PCI bus order too.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env.update(extra or {})
         return env
 
@@ -111,6 +122,7 @@ class LocalTarget:
         env: dict[str, str] | None = None,
         port: int | None = None,
         timeout_s: float | None = None,
+        gpus: Sequence[int] | None = None,
     ) -> Replica:
         if not self.python.exists():
             raise ServingError(
@@ -123,19 +135,22 @@ class LocalTarget:
         log_path = self.settings.runs_dir / f"{name}-{port}-{stamp}.log"
         cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *args.to_cli(),
                "--host", self.host, "--port", str(port)]
+        # A small parent (the control plane's Python) restarts vLLM after a crash; see tasks.serving.supervisor.
+        supervised = [sys.executable, "-m", "tasks.serving.supervisor", "--base-url",
+                      f"http://{self.host}:{port}/v1", "--log", str(log_path), "--", *cmd]
         started = time.monotonic()
         with log_path.open("wb") as log:
             log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self._env(args, env), start_new_session=True,
+                supervised, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env(args, env, gpus), start_new_session=True,
             )
         self._procs[proc.pid] = proc
         replica = Replica(
             name=name, base_url=f"http://{self.host}:{port}/v1", host=self.host, port=port, pid=proc.pid,
             log_path=str(log_path), served_model_name=args.served_model_name, state="starting",
-            started_at=datetime.now(UTC), args=cmd[3:],
+            started_at=datetime.now(UTC), args=cmd[3:], gpus=list(gpus or []),
         )
         deadline = started + (timeout_s or self.settings.startup_timeout_s)
         with httpx.Client(timeout=2.0) as client:
@@ -159,6 +174,8 @@ class LocalTarget:
                         f"(raise LLMHOST_STARTUP_TIMEOUT_S); last log line: {error_summary(tail)} "
                         f"(full log: {log_path})", log_tail=tail, log_path=str(log_path))
                 time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):  # tells the supervisor vLLM came up: a crash now is restarted
+            os.kill(proc.pid, signal.SIGUSR1)
         info = parse_startup_log(log_path.read_text(errors="replace"))
         replica.kv_cache_tokens = info["kv_cache_tokens"]  # type: ignore[assignment]
         replica.max_concurrency = info["max_concurrency"]

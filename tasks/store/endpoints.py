@@ -16,11 +16,13 @@ from sqlalchemy.orm import Session
 
 from tasks.core.errors import ConfigError, GatewayError
 from tasks.store.audit import record as audit_record
-from tasks.store.schema import Endpoint, EndpointRevision, ReplicaRow, bump_epoch, session_scope
+from tasks.store.schema import AuditEntry, Endpoint, EndpointRevision, ReplicaRow, bump_epoch, session_scope
 
-ENDPOINT_STATUSES = ("active", "disabled", "stopped")
+# `swapping`: a revision is being replaced in place (tasks.deploy.swap); the gateway holds its requests.
+ENDPOINT_STATUSES = ("active", "disabled", "stopped", "swapping")
 REVISION_STATUSES = ("pending", "starting", "deploying", "ready", "live", "retired", "failed", "stopped")
-REPLICA_STATES = ("starting", "up", "down", "failed", "stopped")
+# `restarting`: a local replica's supervisor is restarting it after a crash (tasks.serving.supervisor).
+REPLICA_STATES = ("starting", "up", "down", "restarting", "failed", "stopped")
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -255,9 +257,14 @@ def add_replica(
 
 def set_replica_state(
     replica_id: int, state: str, *, pid: int | None = None, audit: bool = True, bump: bool = True,
-    actor: str = "system", engine: Engine | None = None,
+    actor: str = "system", action: str = "replica.state", detail: dict[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> ReplicaRow:
-    """Record a replica's state. The gateway's health loop passes audit=False, bump=False (observations)."""
+    """Record a replica's state. The gateway's health loop passes audit=False, bump=False (observations).
+
+    `action` and `detail` name the audit entry and add to its `after` (the supervisor's `replica.restart` with
+    the attempt and exit code, `replica.failed` with the log tail).
+    """
     if state not in REPLICA_STATES:
         raise ConfigError("state", state, f"use one of {', '.join(REPLICA_STATES)}")
     with session_scope(engine) as s:
@@ -265,7 +272,7 @@ def set_replica_state(
         if row is None:
             raise GatewayError(f"replica id {replica_id} does not exist: see `llmhost endpoints list`.")
         before = row.state
-        if before == state and pid is None:
+        if before == state and pid is None and detail is None:
             return row
         row.state = state
         if pid is not None:
@@ -274,11 +281,28 @@ def set_replica_state(
         if audit:
             rev = s.get(EndpointRevision, row.revision_id)
             ep = s.get(Endpoint, rev.endpoint_id) if rev else None
-            audit_record(actor, "replica.state", f"replica:{row.name}", {"state": before}, {"state": state},
+            audit_record(actor, action, f"replica:{row.name}", {"state": before}, {"state": state, **(detail or {})},
                          endpoint=ep.name if ep else None, revision=rev.content_hash[:12] if rev else None, session=s)
         if bump:
             bump_epoch(s)
         return row
+
+
+def supervised_replica(pid: int, base_url: str, *, engine: Engine | None = None) -> ReplicaRow | None:
+    """The running managed replica whose supervisor is `pid` at `base_url` (None: not registered yet, or stopped)."""
+    with session_scope(engine) as s:
+        return s.execute(select(ReplicaRow).where(
+            ReplicaRow.pid == pid, ReplicaRow.base_url == base_url.rstrip("/"), ReplicaRow.managed.is_(True),
+            ReplicaRow.state.not_in(("stopped", "failed"))).order_by(ReplicaRow.id.desc()).limit(1)
+        ).scalar_one_or_none()
+
+
+def replica_failures(endpoint: str, *, engine: Engine | None = None) -> dict[str, dict[str, Any]]:
+    """Replica name -> what its supervisor recorded when it gave up (reason, exit code, log tail), newest wins."""
+    with session_scope(engine) as s:
+        rows = s.execute(select(AuditEntry.subject, AuditEntry.after).where(
+            AuditEntry.endpoint == endpoint, AuditEntry.action == "replica.failed").order_by(AuditEntry.seq)).all()
+    return {subject.removeprefix("replica:"): json.loads(after or "{}") for subject, after in rows}
 
 
 def list_replicas(endpoint: str, revision: int | str | None = None, *,
@@ -293,6 +317,20 @@ def list_replicas(endpoint: str, revision: int | str | None = None, *,
         rev = _get_revision(s, e, revision)
         return list(s.execute(select(ReplicaRow).where(ReplicaRow.revision_id == rev.id)
                               .order_by(ReplicaRow.id)).scalars())
+
+
+def gpus_in_use(*, states: tuple[str, ...] | None = None, engine: Engine | None = None) -> dict[int, list[str]]:
+    """GPU index -> the replicas (any endpoint) holding it: those in `states`, default every state but stopped and
+    failed (a `down` or `restarting` replica's process may still hold, or soon take, the GPU's memory)."""
+    live = ReplicaRow.state.in_(states) if states is not None else ReplicaRow.state.not_in(("stopped", "failed"))
+    with session_scope(engine) as s:
+        rows = s.execute(select(ReplicaRow.name, ReplicaRow.gpus).where(ReplicaRow.gpus.is_not(None), live)).all()
+    held: dict[int, list[str]] = {}
+    for name, gpus in rows:
+        for idx in filter(None, (g.strip() for g in str(gpus).split(","))):
+            if idx.isdigit():
+                held.setdefault(int(idx), []).append(name)
+    return held
 
 
 @dataclass
@@ -345,7 +383,17 @@ def attach_server(
 
     The revision's spec is the served model and adapters (not the URL), so attaching a second server of the
     same model adds a replica to the live revision, while a different model makes a new live revision.
+    A running endpoint that `llmhost deploy` manages is refused before anything is written: attaching would
+    replace its deployed revision with a server llmhost does not manage.
     """
+    with session_scope(engine) as s:
+        existing = s.execute(select(Endpoint).where(Endpoint.name == name)).scalar_one_or_none()
+        live = (s.get(EndpointRevision, existing.live_revision_id)
+                if existing and existing.live_revision_id and existing.status != "stopped" else None)
+        if live is not None and (live.spec or {}).get("kind") != "attached":
+            raise ConfigError("name", name, f"endpoint {name!r} already exists and is managed by `llmhost deploy` "
+                              f"(live revision {live.content_hash[:12]}); attach under another name, or stop it "
+                              f"first with `llmhost endpoints stop {name}`")
     upsert_endpoint(name, description=description, owner=owner, actor=actor, engine=engine)
     spec = {"kind": "attached", "served_model_name": served_model,
             "adapters": dict(sorted((adapters or {}).items()))}

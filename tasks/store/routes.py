@@ -21,6 +21,7 @@ from tasks.store.endpoints import (
     list_endpoints,
     list_replicas,
     list_revisions,
+    replica_failures,
 )
 from tasks.store.keys import KeyInfo
 from tasks.store.schema import (
@@ -72,6 +73,7 @@ class EndpointRoute:
     teams: frozenset[str]
     external: dict[str, Any] | None = None  # set for an external endpoint: where the provider is (no key)
     fallback: str | None = None  # the external endpoint to answer when no replica is healthy
+    swap_to: str | None = None  # status `swapping`: the revision starting in place of the live one (short hash)
 
     def allows(self, key: KeyInfo) -> bool:
         return key.user in self.users or (key.team is not None and key.team in self.teams)
@@ -102,6 +104,9 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
                     if r.state not in ("stopped", "failed")
                 )
             users, teams = grants.get(e.id, (set(), set()))
+            swap_to = s.execute(select(EndpointRevision.content_hash).where(
+                EndpointRevision.endpoint_id == e.id, EndpointRevision.status.in_(("pending", "starting")))
+                .order_by(EndpointRevision.id.desc()).limit(1)).scalar() if e.status == "swapping" else None
             routes[e.name] = EndpointRoute(
                 name=e.name, status=e.status, owner=e.owner, created_at=e.created_at,
                 revision_id=rev.id if rev else None, revision_hash=rev.content_hash if rev else None,
@@ -109,6 +114,7 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
                 adapters=dict(rev.adapters or {}) if rev else {}, replicas=reps,
                 users=frozenset(users), teams=frozenset(teams),
                 external=external_of(rev.spec) if rev else None, fallback=e.fallback,
+                swap_to=swap_to[:12] if swap_to else None,
             )
         return epoch, routes
 
@@ -164,6 +170,6 @@ __all__ = [
     "routes_epoch",
     # what the dashboard shows: endpoints, revisions, replicas, their audit trail and their usage
     "EndpointView", "LatencyRow", "UsageBreakdown", "UsageGroup", "UsageSeries", "UsageTotals", "audit_entries",
-    "get_endpoint", "latency_rows", "list_endpoints", "list_replicas", "list_revisions", "request_counts_since",
-    "usage_breakdown", "usage_series",
+    "get_endpoint", "latency_rows", "list_endpoints", "list_replicas", "list_revisions", "replica_failures",
+    "request_counts_since", "usage_breakdown", "usage_series",
 ]
