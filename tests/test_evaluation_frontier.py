@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from frontier_double import DoubleModel, FrontierDouble
+from testing_utils import files_holding
 
 from tasks.evaluate.failures import fix_for, group_errors
 from tasks.evaluate.frontier_rules import RuleEntry, adapt_to_error, apply_rules, is_reasoning
@@ -282,9 +283,8 @@ def llmhost(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _no_secret_under(home: Path) -> None:
-    for p in home.rglob("*"):
-        if p.is_file():
-            assert SECRET.encode() not in p.read_bytes(), f"the API key leaked into {p}"
+    files = [p for p in home.rglob("*") if p.is_file()]
+    assert files_holding(files, {"the API key": SECRET.encode()}) == []
 
 
 def test_cli_run_against_reasoning_frontier_and_json(double: FrontierDouble, tmp_path: Path) -> None:

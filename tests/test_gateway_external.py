@@ -21,6 +21,7 @@ import pytest
 import yaml
 from fastapi import FastAPI, Request  # at module level: the route annotations are resolved from here
 from fastapi.responses import JSONResponse, StreamingResponse
+from testing_utils import files_holding
 from threaded_gateway import ThreadedGateway, wait_for
 
 from tasks import store
@@ -330,7 +331,7 @@ def test_provider_key_is_nowhere_in_the_state_dir(gateway: ThreadedGateway, llmh
     needle = PROVIDER_KEY.encode()
     scanned = [p for p in llmhost_home.rglob("*") if p.is_file()]
     assert any(p.name.startswith("llmhost.db") for p in scanned)
-    assert [str(p) for p in scanned if needle in p.read_bytes()] == []
+    assert files_holding(scanned, {"the provider key": needle}) == []
     for entry in store.audit.entries():
         assert PROVIDER_KEY not in json.dumps([entry.before, entry.after, entry.links], default=str)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +15,33 @@ from tasks.serving.local import has_cuda_gpu
 
 if TYPE_CHECKING:
     from tasks.finetune import FinetuneConfig
+
+_SCAN = """
+import json, sys
+from pathlib import Path
+req = json.load(sys.stdin)
+needles = {what: bytes.fromhex(n) for what, n in req["needles"].items()}
+hits = []
+for p in req["paths"]:
+    data = Path(p).read_bytes()
+    hits += [[p, what] for what, n in needles.items() if n in data]
+json.dump(hits, sys.stdout)
+"""
+
+
+def files_holding(paths: Iterable[Path], needles: Mapping[str, bytes]) -> list[tuple[str, str]]:
+    """(file, what) for each needle found in each file, read by a child process.
+
+    Never read a live SQLite database's files (the store, MLflow's, Prefect's, their -wal/-shm) from the test
+    process: closing any descriptor of such a file drops every POSIX lock this process holds on it (fcntl
+    semantics), so another process's connection can take itself for the first one and reset the WAL index under
+    this one's connections. Seen here as a SIGBUS in SQLite and as a supervisor not finding a committed row.
+    """
+    req = {"paths": [str(p) for p in paths], "needles": {k: v.hex() for k, v in needles.items()}}
+    out = subprocess.run([sys.executable, "-c", _SCAN], input=json.dumps(req), capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return [(p, what) for p, what in json.loads(out)]
+
 
 requires_gpu = pytest.mark.skipif(not has_cuda_gpu(), reason="needs a CUDA GPU (nvidia-smi lists none)")
 
