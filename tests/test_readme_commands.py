@@ -170,3 +170,27 @@ def test_readme_commands_run_as_written(demo_model_dir: Path, tmp_path: Path, ca
     actions = [e["action"] for e in json.loads(outputs["audit log"][0])]
     assert actions[0].startswith("endpoint") and "endpoint.stop" in actions
     assert "OK" in outputs["audit verify"][0]
+
+
+def test_gpu_walkthrough_spec_and_finetune_config_match_its_commands():
+    """The GPU walkthrough's spec file and inline fine-tune config load, and the names its commands use are theirs."""
+    import yaml
+
+    from tasks.deploy import load_spec
+    from tasks.finetune import FinetuneConfig
+
+    text = README.read_text()
+    section = text.split("## On a GPU machine", 1)[1].split("\n## ", 1)[0]
+    commands = [c for c in readme_commands() if c in section]
+    spec_path = "deployments/qwen2.5-7b-instruct.gpu.yaml"
+    spec = load_spec(PROJECT_ROOT / spec_path)
+    assert spec.hardware == "auto" and spec.vllm.tensor_parallel_size == "auto" and spec.vllm.max_model_len is None
+    assert spec.swap == "auto" and spec.model == f"models:/{spec.name}@champion"
+    assert f"llmhost deploy {spec_path}" in commands
+    assert f"llmhost endpoints show {spec.name}" in commands
+    assert any(c.startswith("llmhost register hf:") and f"--name {spec.name}" in c for c in commands)
+    assert any(c.startswith(f"llmhost promote {spec.name} 2 --force --spec {spec_path}") for c in commands)
+    [block] = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    config = FinetuneConfig.model_validate(yaml.safe_load(block))
+    assert config.base_model == f"models:/{spec.name}@champion" and config.gradient_checkpointing
+    assert any(c.startswith("llmhost finetune --config qwen-7b-lora.yaml") for c in commands)
