@@ -111,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.core import quiet
 
         quiet.setup(sys.argv[1:])
+    from tasks.core.quiet import announce
+
     try:
         # Without standalone mode click returns (not raises) a command's `typer.Exit(code)`: keep its code.
         rc = app(args=argv, standalone_mode=False)
-    except LlmhostError as exc:
+    except LlmhostError as exc:  # bad input or a refused step: the one line (the log path only if lines came before)
         if os.environ.get("LLMHOST_RAISE_ERRORS"):
             raise
         typer.secho(f"Error: {exc}", err=True, fg="red")
         return 1
     except typer.Exit as exc:
+        announce()
         return exc.exit_code
     except typer.Abort:
         typer.echo("Aborted.", err=True)
@@ -130,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.ClickException):
             exc.show()
             return exc.exit_code
+        announce()  # an unexpected error: its traceback, and where the libraries' output went
         raise
+    announce()
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 

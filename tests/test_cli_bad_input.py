@@ -15,6 +15,8 @@ import io
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -171,6 +173,20 @@ def test_cli_bad_input_is_one_line_and_creates_nothing(tmp_path: Path, bad_arch_
             assert name in lines[0], (case.id, name, lines[0])
         assert after == before, (case.id, {k: (before[k], after[k]) for k in before if before[k] != after[k]})
     print("cli bad-input cases (s):", timings)
+
+
+def test_the_console_script_prints_only_the_error_line(tmp_path: Path) -> None:
+    """As a user runs it: the `llmhost` process prints the one `Error:` line on stderr, nothing else on either
+    stream (no log path: nothing ran whose output went to a log). `deploy` is the exception: it prints its step's
+    `start` and `FAILED` lines (and the log path) before the error line, since planning runs inside the step."""
+    s = _specs(tmp_path)
+    for argv in (["finetune", "--config", str(s["finetune.yaml"])],
+                 ["eval", "run", str(s["suite.yaml"]), "--target", "endpoint:none"]):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "COLUMNS": "200"})
+        assert proc.returncode == 1 and proc.stdout == "", (argv, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (argv, proc.stderr)
 
 
 def test_a_valid_vllm_extra_arg_passes_the_check() -> None:

@@ -55,6 +55,7 @@ class _State:
     console: Any = None  # rich Console on stderr, once setup ran
     log_path: Path | None = None
     live: Any = None  # the one rich Progress on screen (rich allows one live display at a time)
+    announced: bool = False  # whether the log path was printed
 
 
 _state = _State()
@@ -82,16 +83,17 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if _state.console is not None:
+            announce()
             _state.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
 
 
 def setup(argv: list[str]) -> Path | None:
-    """Quiet the libraries and open the run's log file for a noisy command; prints the log path once.
+    """Quiet the libraries and open the run's log file for a noisy command; its path is printed once (announce).
 
     Returns the log path, or None for commands that load nothing noisy (their output is left as is).
     """
     command = next((a for a in argv if not a.startswith("-")), "")
-    if command not in NOISY or active():
+    if command not in NOISY or active() or "--help" in argv:
         return _state.log_path
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
@@ -104,7 +106,7 @@ def setup(argv: list[str]) -> Path | None:
 
     path = log_file_for(command, get_settings().home_abs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file = logging.FileHandler(path, encoding="utf-8", delay=True)  # created at its first line
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in TO_FILE:
         lg = logging.getLogger(name)
@@ -124,8 +126,17 @@ def setup(argv: list[str]) -> Path | None:
     log.addHandler(screen)
     log.addHandler(to_file)
     log.propagate = False
-    _state.console.print(f"log: {path}", markup=False, highlight=False, soft_wrap=True)
     return path
+
+
+def announce() -> None:
+    """Prints `log: PATH` once, before the command's first line on the console or as it ends.
+
+    Never for bad input refused before anything ran: that prints its one `Error:` line and nothing else.
+    """
+    if _state.console is not None and not _state.announced:
+        _state.announced = True
+        _state.console.print(f"log: {_state.log_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- lines
@@ -172,6 +183,7 @@ def progress_line(label: str, done: int, total: int, elapsed: float, unit: str =
 
 
 def _new_live() -> Any:
+    announce()
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
