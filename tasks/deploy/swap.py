@@ -32,6 +32,7 @@ from tasks.core.settings import get_settings
 from tasks.deploy.plan import RevisionPlan, device_for, plan_revision
 from tasks.deploy.replicas import _wait_idle, drain_and_stop, start_replicas, target_for
 from tasks.deploy.spec import EndpointSpec, pinned_spec
+from tasks.serving.gpus import VLLM_DEFAULT_UTILIZATION
 from tasks.serving.local import has_cuda_gpu
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ GiB = 1024**3
 SLEEP_LEVEL = 1  # level 2 also drops the weights, and waking then needs them reloaded: not "well under a second"
 SLEEP_ARGS = ["--enable-sleep-mode"]
 SLEEP_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # /sleep, /wake_up and /reset_prefix_cache exist only in dev mode
-VLLM_GPU_UTILIZATION = 0.92  # vLLM 0.32's CacheConfig.gpu_memory_utilization default
 
 
 def choose_swap_strategy(spec_swap: SwapMode, fits_beside: bool, sleep_available: bool) -> tuple[Strategy, str]:
@@ -98,7 +98,7 @@ def room_beside(spec: EndpointSpec, plan: RevisionPlan, *, weight_bytes: int, ov
     if device_for(spec.hardware) == "cpu" or not has_cuda_gpu():
         kv = get_settings().cpu_kvcache_space_gib * GiB
         return cpu_room(weight_bytes + overhead_bytes + kv, spec.replicas, psutil.virtual_memory().available)
-    util = plan.vllm.gpu_memory_utilization or VLLM_GPU_UTILIZATION
+    util = plan.vllm.gpu_memory_utilization or VLLM_DEFAULT_UTILIZATION
     gpus = [(g.total_bytes, g.free_bytes) for g in inventory()]
     return gpu_room(gpus, plan.vllm.tensor_parallel_size * spec.replicas, util)
 
