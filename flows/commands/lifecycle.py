@@ -75,7 +75,9 @@ def register(app: typer.Typer) -> None:
         console.print(f"try: curl {summary.gateway_url}/v1/chat/completions -H 'Authorization: Bearer <key>' "
                       f"-H 'Content-Type: application/json' -d '{{\"model\": \"{summary.endpoint}\", "
                       f"\"messages\": [{{\"role\": \"user\", \"content\": \"my parcel is late\"}}]}}'")
-        console.print(f"MLflow UI: `mlflow ui --backend-store-uri {summary.mlflow_uri}`; dashboard: "
+        mlflow_ui = (summary.mlflow_uri if summary.mlflow_uri.startswith(("http://", "https://"))
+                     else f"`mlflow ui --backend-store-uri {summary.mlflow_uri}`")  # a tracking server is its own UI
+        console.print(f"MLflow UI: {mlflow_ui}; dashboard: "
                       f"{summary.gateway_url}/ui (or `make ui`)")
         console.print(f"stop serving: `llmhost endpoints stop {summary.endpoint}`; demo wall time "
                       f"{time.monotonic() - t0:.0f}s")
