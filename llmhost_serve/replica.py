@@ -72,8 +72,14 @@ def _last_error(path: Path) -> str:
     except OSError:
         return "(no log)"
     lines = [ln for ln in lines if " WARNING " not in ln]
-    found = [m.group(1).strip() for ln in lines if (m := _ERR_RE.search(ln))]
-    return found[-1] if found else (lines or ["(empty log)"])[-1].strip()
+    found = [(m.group(1).strip(), i) for i, ln in enumerate(lines) if (m := _ERR_RE.search(ln))]
+    if not found:
+        return (lines or ["(empty log)"])[-1].strip()
+    text, at = found[-1]
+    if "validation error for" in text:  # pydantic (vLLM's configs): the reason is on the indented lines below
+        detail = [ln.strip().split(" [type=", 1)[0] for ln in lines[at + 1 : at + 3] if ln.startswith(" ")]
+        text = ": ".join([text, *[d for d in detail if d and not d.startswith("For further information")]])
+    return text
 
 
 @serve.deployment

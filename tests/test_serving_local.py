@@ -82,3 +82,21 @@ def test_parse_startup_log_reads_cpu_and_gpu_lines():
 def test_error_summary_prefers_the_exception_line():
     tail = "INFO starting\nTraceback (most recent call last):\n  File x\nValueError: KV cache is too big\nINFO bye"
     assert error_summary(tail) == "ValueError: KV cache is too big"
+
+
+def test_error_summary_keeps_the_reason_of_a_pydantic_validation_error():
+    """vLLM's configs are pydantic: the error line only says 'validation error for ModelConfig', the reason
+    is on the indented line below it (as vLLM 0.32 logs it for a --max-model-len past the model's positions)."""
+    tail = (
+        "INFO 12-02 10:20:01 [utils.py:253] non-default args: {'max_model_len': 999999}\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, User-specified max_model_len (999999) is greater than the derived max_model_len "
+        "(max_position_embeddings=1024.0 or model_max_length=None in model's config.json). "
+        "[type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
+    )
+    assert error_summary(tail) == (
+        "ValidationError: 1 validation error for ModelConfig: Value error, User-specified max_model_len (999999) "
+        "is greater than the derived max_model_len (max_position_embeddings=1024.0 or model_max_length=None in "
+        "model's config.json)."
+    )

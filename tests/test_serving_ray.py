@@ -324,10 +324,12 @@ def test_a_revision_that_fails_to_start_leaves_the_old_one_serving(
     old = live_app()
     bad = EndpointSpec.model_validate(
         {**spec.model_dump(mode="json"),
-         "vllm": {**spec.vllm.model_dump(mode="json"), "extra_args": ["--no-such-flag"]}}
+         "vllm": {**spec.vllm.model_dump(mode="json"), "extra_args": ["--max-model-len", "999999"]}}
     )
-    # vLLM's own error line reaches the deploy's one-line error through Serve's application status.
-    with pytest.raises(DeployStartError, match=r"old revision keeps serving: .*unrecognized arguments: --no-such-flag"):
+    # Arguments vLLM's parser accepts (an unknown flag is refused before anything starts, tasks.deploy.vllm_args)
+    # but its engine refuses at start, past the model's 1,024 positions: vLLM's own error line reaches the
+    # deploy's one-line error through Serve's application status.
+    with pytest.raises(DeployStartError, match=r"old revision keeps serving: .*max_model_len \(999999\)"):
         deploy(bad, actor="test")
     assert live_app().id == old.id
     assert list(target.details()["applications"]) == [old.name]  # the failed application was deleted

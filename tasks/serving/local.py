@@ -58,10 +58,16 @@ def error_summary(log_tail: str) -> str:
     """vLLM's most telling error line: the last `...Error: msg` in the log tail."""
     # vLLM's WARNING lines can quote an error text (e.g. the ulimit hint); they are not the failure.
     lines = [line for line in log_tail.splitlines() if " WARNING " not in line]
-    found = [m.group(1).strip() for line in lines if (m := _ERR_RE.search(line))]
-    specific = [f for f in found if ("Error:" in f or "Exception:" in f)]
+    found = [(m.group(1).strip(), i) for i, line in enumerate(lines) if (m := _ERR_RE.search(line))]
+    specific = [f for f in found if ("Error:" in f[0] or "Exception:" in f[0])]
     pick = specific or found
-    return pick[-1] if pick else (lines or ["(empty log)"])[-1].strip()
+    if not pick:
+        return (lines or ["(empty log)"])[-1].strip()
+    text, at = pick[-1]
+    if "validation error for" in text:  # pydantic: the reason is on the indented lines below, e.g. vLLM's configs
+        detail = [ln.strip().split(" [type=", 1)[0] for ln in lines[at + 1 : at + 3] if ln.startswith(" ")]
+        text = ": ".join([text, *[d for d in detail if d and not d.startswith("For further information")]])
+    return text
 
 
 def _tail(path: Path, lines: int) -> str:
