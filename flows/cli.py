@@ -19,7 +19,7 @@ from tasks.core.errors import LlmhostError
 
 # `llmhost --help` reads in the order a newcomer uses the commands: the lifecycle, then operating it.
 LIFECYCLE = ("register", "models", "size", "deploy", "rollback", "eval", "finetune", "adapters", "promote")
-OPERATIONS = ("endpoints", "keys", "access", "usage", "cost", "audit", "gateway", "dashboard", "render", "data",
+OPERATIONS = ("endpoints", "keys", "access", "usage", "cost", "audit", "gateway", "dashboard", "render", "data", "team",
               "lifecycle", "demo", "demo-serve")  # fmt: skip
 
 # One example per command, shown at the end of its --help; a command may set its own epilog instead.
