@@ -1,8 +1,9 @@
-"""Process checks shared by the store (stale deploy leases) and the serving targets."""
+"""Process and port checks shared by the store (stale deploy leases), the serving targets and team mode."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 
 def pid_alive(pid: int) -> bool:
@@ -18,3 +19,10 @@ def pid_alive(pid: int) -> bool:
         return done == 0
     except ChildProcessError:
         return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now; the small race with other binders is acceptable for loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -20,7 +20,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.core.errors import ConfigError, ServingError
+from tasks.core.procs import free_port
 from tasks.core.settings import get_settings
 
 DB_USER = "llmhost"
@@ -57,12 +57,6 @@ def service_user() -> str | None:
             pwd.getpwnam(name)
             return name
     raise ServingError("running as root, and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

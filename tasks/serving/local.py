@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,13 @@ from pathlib import Path
 import httpx
 
 from tasks.core.errors import ReplicaStartError, ServingError
-from tasks.core.procs import pid_alive
+from tasks.core.procs import free_port, pid_alive
 from tasks.core.settings import get_settings
 from tasks.serving.base import Replica, ReplicaState, VllmArgs
 
 _KV_RE = re.compile(r"(?:CPU|GPU) KV cache size:\s*([\d,]+)\s*tokens")
 _CONC_RE = re.compile(r"Maximum concurrency for\s*([\d,]+)\s*tokens per request:\s*([\d.]+)x")
 _ERR_RE = re.compile(r"(\w*(?:Error|Exception)\b:.*|ERROR.*)")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now; the small race with other binders is acceptable for loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def has_cuda_gpu() -> bool:
