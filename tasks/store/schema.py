@@ -272,13 +272,36 @@ def get_engine(url: str | None = None) -> Engine:
             raise ConfigError("LLMHOST_STORE_URL", url, f"not a usable SQLAlchemy URL ({exc})") from exc
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(engine)
-        _add_missing_columns(engine)
+        with _schema_lock(engine):
+            Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
         with Session(engine) as s, s.begin():
             if s.get(Meta, ROUTES_EPOCH) is None:
                 s.add(Meta(name=ROUTES_EPOCH, value=0))
         _engines[url] = engine
         return engine
+
+
+# Any constant: the PostgreSQL advisory lock that serializes schema creation across processes.
+_SCHEMA_LOCK_KEY = 0x6C6C6D68  # "llmh"
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, one process at a time creates the tables: two gateways starting on a fresh team store
+    otherwise race in CREATE TABLE (a UniqueViolation on pg_type, seen in the two-gateway test). SQLite's own
+    file lock already serializes it."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as lock:
+        lock.execute(sql_text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+        lock.commit()
+        try:
+            yield
+        finally:
+            lock.execute(sql_text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            lock.commit()
 
 
 def _add_missing_columns(engine: Engine) -> None:
