@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down team-up team-down test-gpu
+.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down team-up team-down test-gpu bench-env
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
@@ -78,3 +78,12 @@ screenshots: env runtime
 
 clean-state:
 	rm -rf .llmhost
+
+# Benchmark-only venv: LiteLLM's proxy as the comparison arm of `benchmarks/gateway_overhead.py --instant`, kept out
+# of .venv (its FastAPI/pydantic pins are its own); httptools so that its uvicorn parses HTTP as the gateway's does.
+# wrk (Debian) drives the saturation load.
+bench-env: .venv-bench/.installed
+.venv-bench/.installed:
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q "litellm[proxy]==1.108.7" httptools "py-spy>=0.4"
+	touch $@

@@ -1,7 +1,15 @@
-"""Gateway overhead: the same load straight to vLLM and through `llmhost gateway`, side by side in one run.
+"""Gateway overhead: the same load straight to an upstream and through `llmhost gateway`, side by side in one run.
 
+    .venv/bin/python benchmarks/gateway_overhead.py --instant       # the gateway's own cost (see below)
     .venv/bin/python benchmarks/gateway_overhead.py                 # starts vLLM on the demo model
     .venv/bin/python benchmarks/gateway_overhead.py --base-url http://127.0.0.1:8001/v1 --served-model demo
+
+--instant puts benchmarks/instant_upstream.py (answers from memory) behind three arms: direct, llmhost (one
+gateway process) and LiteLLM's proxy (`make bench-env`; one process, config file only, no database). For plain
+and streamed requests it measures, per arm and run: requests/s at saturation (wrk, concurrency 16), the proxy
+process's CPU ms per request (psutil), and p50/p95 latency at a fixed rate below saturation (an aiohttp client
+sending on a clock), from which the added latency over direct follows. Arms alternate within each run; the
+ratios are printed with their min/max over the runs.
 
 Prints the throughput ratio (gateway / direct) and the added p50 / p95 latency. Arms alternate
 (direct, gateway, direct, gateway, ...) so that drift in the machine's load hits both alike.
@@ -16,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,19 +33,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (Linux), to say how much CPU the gateway spends per request."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -95,20 +97,280 @@ async def run_load(url: str, api_key: str, model: str, n: int, concurrency: int,
         arm.seconds += time.perf_counter() - t0
 
 
+def wait_health(url: str, proc: subprocess.Popen[bytes], log_path: Path, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{what} did not come up; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def start(cmd: list[str], log_path: Path, health_url: str, what: str,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+    wait_health(health_url, proc, log_path, what)
+    return proc
+
+
+def start_gateway(home: Path, workers: int = 1, root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """`llmhost gateway` from the tree at `root` (another checkout: compare code before and after a change)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "flows.cli", "gateway", "--port", str(port), "--log-level", "warning"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with (home / "gateway.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wait_health(f"{url}/health", proc, home / "gateway.log", "gateway")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the instant-upstream arms -----------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK {\\"requests\\": %%d, \\"duration_us\\": %%d, \\"status_errors\\": %%d, "
+    .. "\\"socket_errors\\": %%d}\\n", summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process and its children (uvicorn workers), user + system."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@dataclass
+class Target:
+    """One arm: where to send, with which key and model name, and the process whose CPU is its cost."""
+
+    name: str
+    url: str
+    key: str
+    model: str
+    proc: psutil.Process | None
+
+
+def body_for(model: str, stream: bool) -> dict[str, object]:
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "where is my parcel ?"}],
+                               "max_tokens": 16}
+    if stream:  # every arm gets the same bytes back: the usage chunk is asked for, as a metering client does
+        body.update(stream=True, stream_options={"include_usage": True})
+    return body
+
+
+def saturate(t: Target, stream: bool, seconds: int, concurrency: int, tmp: Path) -> dict[str, float]:
+    """wrk at `concurrency` for `seconds`: requests/s, errors, and the arm's process CPU ms per request."""
+    script = tmp / f"wrk-{t.name}-{int(stream)}.lua"
+    script.write_text(WRK_SCRIPT % (json.dumps(body_for(t.model, stream)), t.key))
+    cpu0 = tree_cpu(t.proc) if t.proc else 0.0
+    # A 30 s timeout: a slow arm's answers are counted late rather than dropped as socket errors (wrk's 2 s).
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+                          t.url],
+                         capture_output=True, text=True, check=True).stdout
+    cpu = (tree_cpu(t.proc) - cpu0) if t.proc else float("nan")
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK ")), None)
+    if line is None:
+        raise SystemExit(f"wrk printed no summary for {t.name}:\n{out}")
+    got = json.loads(line[4:])
+    ok = got["requests"] - got["status_errors"]
+    if got["status_errors"] or got["socket_errors"]:
+        print(f"  {t.name}: {got['status_errors']} non-2xx, {got['socket_errors']} socket errors", file=sys.stderr)
+    return {"rps": ok / (got["duration_us"] / 1e6), "cpu_ms": cpu * 1000.0 / max(1, got["requests"]),
+            "errors": got["status_errors"] + got["socket_errors"], "requests": got["requests"]}
+
+
+async def fixed_rate(t: Target, stream: bool, rate: float, n: int) -> list[float]:
+    """Send `n` requests on a clock at `rate`/s (not waiting for answers); each one's latency in ms."""
+    body = json.dumps(body_for(t.model, stream)).encode()
+    headers = {"authorization": f"Bearer {t.key}", "content-type": "application/json"}
+    lat: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            async with session.post(t.url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors += 1
+                    return
+            lat.append((time.perf_counter() - t0) * 1000.0)
+
+        start_at = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start_at + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    if errors:
+        print(f"  {t.name}: {errors} failed requests at the fixed rate", file=sys.stderr)
+    return sorted(lat)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def instant_main(args: argparse.Namespace, home: Path) -> int:
+    from benchmarks import litellm_proxy
+    from tasks import store
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: `apt-get install wrk` (Debian) drives the saturation load.")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        up_port = free_port()
+        up = start([sys.executable, str(ROOT / "benchmarks" / "instant_upstream.py"), "--port", str(up_port)],
+                   home / "upstream.log", f"http://127.0.0.1:{up_port}/health", "instant upstream")
+        procs.append(up)
+        up_base = f"http://127.0.0.1:{up_port}/v1"
+        key = store.create_key("bench", team="bench", actor="benchmark")
+        store.attach_server("bench", base_url=up_base, served_model="instant", actor="benchmark")
+        store.grant("bench", team="bench", actor="benchmark")
+        gw, gw_url = start_gateway(home, args.workers, args.gateway_root)
+        procs.append(gw)
+        targets = [Target("direct", f"{up_base}/chat/completions", "unused", "instant", psutil.Process(up.pid)),
+                   Target("llmhost", f"{gw_url}/v1/chat/completions", key.raw, "bench", psutil.Process(gw.pid))]
+        if args.baseline_root:  # the same gateway from another tree, on the same store: before/after in one run
+            (home / "base").mkdir()
+            base, base_url = start_gateway(home / "base", 1, args.baseline_root)
+            procs.append(base)
+            targets.append(Target("baseline", f"{base_url}/v1/chat/completions", key.raw, "bench",
+                                  psutil.Process(base.pid)))
+        if not args.no_litellm:
+            lport = free_port()
+            cfg = litellm_proxy.write_config(home, upstream_base_url=up_base, upstream_model="instant",
+                                             model_name="bench")
+            lp = start(litellm_proxy.command(cfg, lport), home / "litellm.log",
+                       f"http://127.0.0.1:{lport}/health/liveliness", "LiteLLM proxy", litellm_proxy.environment())
+            procs.append(lp)
+            targets.append(Target("litellm", f"http://127.0.0.1:{lport}/v1/chat/completions",
+                                  litellm_proxy.MASTER_KEY, "bench", psutil.Process(lp.pid)))
+        for t in targets:  # warm-up: connections, caches, the key's one scrypt
+            for stream in (False, True):
+                saturate(t, stream, 1, args.concurrency, home)
+        results: list[dict[str, object]] = []
+        rates: dict[bool, float] = {}
+        for run in range(args.runs):
+            order = targets[run % len(targets):] + targets[:run % len(targets)]
+            for stream in (False, True):
+                sat = {t.name: saturate(t, stream, args.seconds, args.concurrency, home) for t in order}
+                if stream not in rates:  # fixed once, from the first run: half the slowest arm's saturation
+                    rates[stream] = args.rate or round(0.5 * min(s["rps"] for s in sat.values()))
+                n = max(100, int(rates[stream] * args.latency_seconds))
+                for t in order:
+                    lat = asyncio.run(fixed_rate(t, stream, rates[stream], n))
+                    results.append({"run": run + 1, "mode": "stream" if stream else "plain", "arm": t.name,
+                                    **sat[t.name], "rate": rates[stream], "p50": pct(lat, 0.5),
+                                    "p95": pct(lat, 0.95)})
+        time.sleep(1.0)  # let the meter flush
+        metered = sum(1 for u in store.list_usage(endpoint="bench") if u.status_code == 200)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    report(results, [t.name for t in targets], args)
+    print(f"usage rows metered by llmhost: {metered}")
+    return 0
+
+
+def report(results: list[dict[str, object]], arms: list[str], args: argparse.Namespace) -> None:
+    print(f"# instant upstream, {args.runs} runs, concurrency {args.concurrency} for {args.seconds}s (wrk), "
+          f"latency at a fixed rate for {args.latency_seconds:g}s, {os.cpu_count()} cores shared by all")
+    print(f"{'run':>3} {'mode':6} {'arm':8} {'req/s':>8} {'cpu ms/req':>10} {'rate':>5} {'p50 ms':>7} "
+          f"{'p95 ms':>7} {'+p50':>6} {'+p95':>6}")
+    by = {(r["run"], r["mode"], r["arm"]): r for r in results}
+    for r in results:
+        d = by[(r["run"], r["mode"], "direct")]
+        add50, add95 = float(r["p50"]) - float(d["p50"]), float(r["p95"]) - float(d["p95"])  # type: ignore[arg-type]
+        cpu = "" if r["arm"] == "direct" else f"{r['cpu_ms']:.3f}"
+        print(f"{r['run']:>3} {r['mode']:6} {r['arm']:8} {r['rps']:8.0f} {cpu:>10} {r['rate']:>5} "
+              f"{r['p50']:7.2f} {r['p95']:7.2f} {add50:+6.2f} {add95:+6.2f}")
+
+    def span(mode: str, f: object) -> str:
+        xs = [f(run) for run in range(1, args.runs + 1)]  # type: ignore[operator]
+        return f"{sum(xs) / len(xs):.3f} (min {min(xs):.3f}, max {max(xs):.3f})"
+
+    for mode in ("plain", "stream"):
+        def g(run: int, arm: str, k: str, mode: str = mode) -> float:
+            return float(by[(run, mode, arm)][k]) or float("nan")  # type: ignore[arg-type]
+
+        print(f"## {mode}")
+        print(f"  llmhost/direct  req/s: {span(mode, lambda r: g(r, 'llmhost', 'rps') / g(r, 'direct', 'rps'))}")
+        for other in ("litellm", "baseline"):
+            if other in arms:
+                print(f"  llmhost/{other} req/s: "
+                      f"{span(mode, lambda r, o=other: g(r, 'llmhost', 'rps') / g(r, o, 'rps'))}")
+        for arm in arms[1:]:
+            print(f"  {arm} cpu ms/req: {span(mode, lambda r, a=arm: g(r, a, 'cpu_ms'))}; added p50 ms: "
+                  f"{span(mode, lambda r, a=arm: g(r, a, 'p50') - g(r, 'direct', 'p50'))}; added p95 ms: "
+                  f"{span(mode, lambda r, a=arm: g(r, a, 'p95') - g(r, 'direct', 'p95'))}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instant", action="store_true", help="Measure against benchmarks/instant_upstream.py.")
     ap.add_argument("--base-url", help="A running vLLM server (else one is started on the demo model).")
     ap.add_argument("--served-model", default="demo")
-    ap.add_argument("--requests", type=int, default=200, help="Requests per arm and round.")
+    ap.add_argument("--requests", type=int, default=200, help="vLLM: requests per arm and round.")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2, help="Alternating rounds per arm.")
+    ap.add_argument("--rounds", type=int, default=2, help="vLLM: alternating rounds per arm.")
+    ap.add_argument("--runs", type=int, default=3, help="--instant: runs, each with every arm and mode.")
+    ap.add_argument("--seconds", type=int, default=5, help="--instant: saturation load per arm and mode.")
+    ap.add_argument("--rate", type=float, help="--instant: fixed rate for latency (default: half the slowest "
+                    "arm's saturation in run 1).")
+    ap.add_argument("--latency-seconds", type=float, default=5.0, help="--instant: seconds at the fixed rate "
+                    "(100 requests at least).")
+    ap.add_argument("--no-litellm", action="store_true", help="--instant: leave out the LiteLLM arm.")
+    ap.add_argument("--baseline-root", type=Path, help="--instant: add an arm with the gateway run from this "
+                    "tree (`git archive REV | tar -x -C DIR`), to compare code before and after a change in one run.")
+    ap.add_argument("--workers", type=int, default=1, help="Gateway processes (llmhost gateway --workers).")
+    ap.add_argument("--gateway-root", type=Path, default=ROOT, help="Run the gateway from this tree (e.g. "
+                    "`git archive REV | tar -x -C DIR`, to measure before and after a change the same way).")
     ap.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="llmhost-bench-"))
     os.environ["LLMHOST_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.instant:
+        return instant_main(args, home)
     from tasks import store
 
     target = replica = None
@@ -130,24 +392,8 @@ def main() -> int:
         key = store.create_key("bench", team="bench", actor="benchmark")
         store.attach_server("bench", base_url=base_url, served_model=args.served_model, actor="benchmark")
         store.grant("bench", team="bench", actor="benchmark")
-        port = free_port()
-        log_path = home / "gateway.log"
-        with log_path.open("wb") as log:
-            gw_proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "gateway", "--port", str(port), "--log-level", "warning"],
-                cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-        gw_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{gw_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or gw_proc.poll() is not None:
-                raise SystemExit(f"gateway did not come up; see {log_path}:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-
+        gw_proc, gw_url = start_gateway(home, args.workers, args.gateway_root)
+        gw_ps = psutil.Process(gw_proc.pid)
         direct = Arm("direct")
         via = Arm("gateway")
         direct_url = base_url.rstrip("/") + "/chat/completions"
@@ -162,16 +408,14 @@ def main() -> int:
         for _ in range(args.rounds):
             asyncio.run(run_load(direct_url, "unused", args.served_model, args.requests, args.concurrency,
                                  args.max_tokens, direct))
-            cpu0 = cpu_seconds(gw_proc.pid)
+            cpu0 = tree_cpu(gw_ps)
             asyncio.run(run_load(via_url, key.raw, "bench", args.requests, args.concurrency, args.max_tokens,
                                  via))
-            gw_cpu += cpu_seconds(gw_proc.pid) - cpu0
+            gw_cpu += tree_cpu(gw_ps) - cpu0
         time.sleep(1.5)  # let the meter flush
         metered = sum(1 for u in store.list_usage(endpoint="bench") if u.status_code == 200)
     finally:
-        if gw_proc is not None:
-            gw_proc.terminate()
-            gw_proc.wait(timeout=30)
+        stop(gw_proc)
         if target is not None and replica is not None:
             target.stop(replica)
 

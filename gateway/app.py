@@ -126,13 +126,7 @@ class GatewayApp:
         await response(scope, receive, send)
 
 
-def serve(host: str | None = None, port: int | None = None, *, access_log: bool = False,
-          log_level: str = "info") -> None:
-    """Run the gateway with uvicorn (uvloop and httptools when installed) until interrupted."""
-    import uvicorn
-
-    settings = get_settings()
-    settings.ensure_dirs()
+def _log_to_console(log_level: str) -> None:
     # uvicorn configures only its own loggers; route, health and metering messages use llmhost.*
     ours = logging.getLogger("llmhost")
     if not ours.handlers:
@@ -140,6 +134,32 @@ def serve(host: str | None = None, port: int | None = None, *, access_log: bool 
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         ours.addHandler(handler)
         ours.setLevel(log_level.upper())
-    uvicorn.run(create_app(settings=settings), host=host or settings.gateway_host,
-                port=port or settings.gateway_port, access_log=access_log, log_level=log_level,
-                timeout_graceful_shutdown=30)
+
+
+def worker_app() -> GatewayApp:
+    """The app of one of several gateway worker processes (uvicorn imports this factory in each)."""
+    _log_to_console(logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel()))
+    return create_app()
+
+
+def serve(host: str | None = None, port: int | None = None, *, access_log: bool = False,
+          log_level: str = "info", workers: int = 1) -> None:
+    """Run the gateway with uvicorn (uvloop and httptools) until interrupted; `workers` processes on one port.
+
+    Every worker is a whole gateway over the same store: it reads the routes epoch on each request on SQLite
+    (polled every 0.25 s elsewhere), so a revocation reaches all of them as it reaches one; it keeps its own
+    usage journal and writes its own usage rows, so each request is metered once whichever worker answers.
+    """
+    import uvicorn
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    common: dict[str, Any] = dict(host=host or settings.gateway_host, port=port or settings.gateway_port,
+                                  access_log=access_log, log_level=log_level, timeout_graceful_shutdown=30,
+                                  loop="uvloop", http="httptools")
+    if workers > 1:
+        # uvicorn binds the socket once and the workers accept on it; it restarts a worker that dies.
+        uvicorn.run("gateway.app:worker_app", factory=True, workers=workers, **common)
+        return
+    _log_to_console(log_level)
+    uvicorn.run(create_app(settings=settings), **common)
