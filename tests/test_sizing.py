@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -557,9 +558,13 @@ def _bench():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # four sequential vLLM starts of ~50-90 s each on 2 shared cores
+@pytest.mark.timeout(1800)  # four vLLM starts of ~50-90 s each on 2 shared cores, started side by side
 def test_predicted_kv_capacity_equals_vllm_cpu_report(demo_model_dir, tmp_path):
-    """Demo model + MHA + GQA + explicit head_dim, served one at a time: prediction == vLLM's log line."""
+    """Demo model + MHA + GQA + explicit head_dim, served side by side: prediction == vLLM's log line.
+
+    The KV space is explicit on the CPU runtime (VLLM_CPU_KVCACHE_SPACE), so what each server reports does not depend
+    on the others; starting them together overlaps their startups (the suite's share of this test went from four
+    starts to about the longest one)."""
     bench = _bench()
     cases = [("demo", demo_model_dir, 1024)]
     for shape in bench.TEST_SHAPES:
@@ -570,11 +575,14 @@ def test_predicted_kv_capacity_equals_vllm_cpu_report(demo_model_dir, tmp_path):
                 shape.max_model_len,
             )
         )
-    results = []
-    for name, model_dir, max_len in cases:
+    def one(case: tuple[str, Path, int]) -> tuple[str, int, int | None, float, float | None]:
+        name, model_dir, max_len = case
         est = bench.predict(model_dir, max_len)
         got, conc, _ = bench.serve_and_read(model_dir, max_len, name)
-        results.append((name, est.kv_capacity_tokens, got, round(est.max_concurrency, 2), conc))
+        return name, est.kv_capacity_tokens, got, round(est.max_concurrency, 2), conc
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        results = list(pool.map(one, cases))
     for name, predicted, got, pconc, vconc in results:
         assert got == predicted, f"{name}: predicted {predicted:,}, vLLM logged {got}"
         assert vconc == pconc, f"{name}: concurrency {pconc} vs vLLM {vconc}"
