@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,12 +38,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tasks.core.procs import free_port  # noqa: E402
 
 
 @dataclass
@@ -111,9 +105,9 @@ def wait_health(url: str, proc: subprocess.Popen[bytes], log_path: Path, what: s
 
 
 def start(cmd: list[str], log_path: Path, health_url: str, what: str,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
     wait_health(health_url, proc, log_path, what)
     return proc
 
@@ -125,10 +119,8 @@ def start_gateway(home: Path, workers: int = 1, root: Path = ROOT) -> tuple[subp
     if workers > 1:
         cmd += ["--workers", str(workers)]
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    with (home / "gateway.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_health(f"{url}/health", proc, home / "gateway.log", "gateway")
+    proc = start(cmd, home / "gateway.log", f"{url}/health", "gateway", env={**os.environ, "PYTHONPATH": str(root)},
+                 cwd=root)
     return proc, url
 
 

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/usage_durability.py
     .venv/bin/python benchmarks/usage_durability.py --concurrency 1 --stream
 
-The three gateways run as subprocesses over one store, in front of an OpenAI-compatible double that answers at
-once (its own subprocess), so the gateway's own cost is all there is to see. Arms alternate and take turns going
+The three gateways run as subprocesses over one store, in front of benchmarks/instant_upstream.py (answers at
+once, in its own process), so the gateway's own cost is all there is to see. Arms alternate and take turns going
 first, so that drift in the machine's load hits them alike. Prints requests/s, p50 / p95 latency, the gateway
 process's CPU per request, and what each journal mode adds per request over batched metering: "write" puts the
 row into the kernel before the answer's end leaves (survives kill -9), "fdatasync" onto the disk (survives a
@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gateway_overhead import Arm, cpu_seconds, free_port, run_load  # noqa: E402
+from benchmarks.gateway_overhead import Arm, free_port, run_load, start, tree_cpu, wait_health  # noqa: E402
 
 LABELS = {"off": "batched (old)", "write": "journal, write", "fdatasync": "journal, fdatasync"}
 GATEWAY = """
@@ -41,52 +42,6 @@ uvicorn.run(create_app(usage_journal=sys.argv[2]), host="127.0.0.1", port=int(sy
 """
 
 
-def serve_upstream(port: int) -> None:
-    """The double: plain and streamed chat completions with usage, answered at once."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({})
-
-    async def chat(request: Request) -> Response:
-        body = await request.json()
-        base = {"id": "chatcmpl-b", "created": 1, "model": body.get("model")}
-        if not body.get("stream"):
-            return JSONResponse({**base, "object": "chat.completion", "usage": usage, "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "shipping"}, "finish_reason": "stop"}]})
-
-        async def gen() -> Any:
-            for choices, use in (([{"index": 0, "delta": {"content": "shipping"}, "finish_reason": "stop"}], None),
-                                 ([], usage)):
-                yield "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": choices,
-                                             "usage": use}) + "\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(gen(), media_type="text/event-stream")
-
-    app = Starlette(routes=[Route("/health", health), Route("/v1/chat/completions", chat, methods=["POST"])])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-def wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"{url} did not come up; see {log}:\n{log.read_text()[-2000:]}")
-        time.sleep(0.2)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=300, help="Requests per arm and round.")
@@ -94,11 +49,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="Alternating rounds per arm.")
     ap.add_argument("--stream", action="store_true", help="Streamed requests instead of plain ones.")
     ap.add_argument("--json", type=Path, help="Also write the numbers here.")
-    ap.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve_upstream:
-        serve_upstream(args.serve_upstream)
-        return 0
 
     home = Path(tempfile.mkdtemp(prefix="llmhost-bench-"))
     os.environ["LLMHOST_HOME"] = str(home)
@@ -110,11 +61,11 @@ def main() -> int:
     try:
         with log_path.open("wb") as log:
             up_port = free_port()
-            procs["upstream"] = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(up_port)],
-                                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            wait_up(f"http://127.0.0.1:{up_port}/health", procs["upstream"], log_path)
+            procs["upstream"] = start([sys.executable, str(ROOT / "benchmarks" / "instant_upstream.py"), "--port",
+                                       str(up_port)], home / "upstream.log", f"http://127.0.0.1:{up_port}/health",
+                                      "instant upstream")
             key = store.create_key("bench", team="bench", actor="benchmark")
-            store.attach_server("bench", base_url=f"http://127.0.0.1:{up_port}/v1", served_model="tiny",
+            store.attach_server("bench", base_url=f"http://127.0.0.1:{up_port}/v1", served_model="instant",
                                 actor="benchmark")
             store.grant("bench", team="bench", actor="benchmark")
             for mode in ("off", "write", "fdatasync"):
@@ -122,7 +73,7 @@ def main() -> int:
                 procs[mode] = subprocess.Popen([sys.executable, "-c", GATEWAY, str(port), mode], cwd=ROOT,
                                                env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
                 urls[mode] = f"http://127.0.0.1:{port}"
-                wait_up(f"{urls[mode]}/health", procs[mode], log_path)
+                wait_health(f"{urls[mode]}/health", procs[mode], log_path, f"gateway ({mode})")
 
         arms = {mode: Arm(mode) for mode in urls}
         cpu = dict.fromkeys(urls, 0.0)
@@ -133,9 +84,9 @@ def main() -> int:
         modes = list(urls)
         for rnd in range(args.rounds):
             for mode in modes[rnd % 3:] + modes[:rnd % 3]:  # the arms take turns going first
-                cpu0 = cpu_seconds(procs[mode].pid)
+                cpu0 = tree_cpu(psutil.Process(procs[mode].pid))
                 asyncio.run(load(urls[mode], key.raw, args.requests, args, arms[mode]))
-                cpu[mode] += cpu_seconds(procs[mode].pid) - cpu0
+                cpu[mode] += tree_cpu(psutil.Process(procs[mode].pid)) - cpu0
         time.sleep(1.5)  # let the meters flush
         metered = sum(1 for u in store.list_usage(endpoint="bench") if u.status_code == 200)
     finally:
