@@ -362,7 +362,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
     """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner.
 
-    The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,500 steps) on the demo base, trained
+    The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,000 steps) on the demo base, trained
     once for the suite instead of once per test. Both are scored on the lifecycle endpoint's replica (LoRA and the
     hermes parser on, as deployments/demo.yaml asks): its base weights against the candidate hot-loaded beside them.
     """
