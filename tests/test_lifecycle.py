@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
 LIFECYCLE: dict[str, Any] = {}
 RETRAIN_STEPS = 60
+RETRAIN_EVAL_LIMIT = 40  # the comparison's rows: this test is about the trigger, the worker and the flow's steps
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +235,14 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
         assert {"lifecycle", "nightly-eval", "retrain-on-new-data"} <= set(by_name)
         assert by_name["nightly-eval"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         # As an operator would tune a deployment's defaults: a short retrain. This test is about the trigger and the
-        # worker; the demo's full 1,500-step fine-tune is trained (and its gain asserted) once, by the session's
+        # worker; the demo's full 1,000-step fine-tune is trained (and its gain asserted) once, by the session's
         # lifecycle run (conftest.lifecycle_run).
         retrain_id = by_name["retrain-on-new-data"]["id"]
         deadline = time.monotonic() + 60
         while True:  # the server answers 503 while its SQLite is locked (just after `prefect deploy`): retry
             patched = httpx.patch(f"{api}/deployments/{retrain_id}",
-                                  json={"parameters": {"max_steps": RETRAIN_STEPS}}, timeout=30)
+                                  json={"parameters": {"max_steps": RETRAIN_STEPS,
+                                                        "eval_limit": RETRAIN_EVAL_LIMIT}}, timeout=30)
             if patched.status_code != 503 or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -262,7 +264,9 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
             time.sleep(1)
         assert run is not None, "the dataset event did not create a retrain flow run"
         assert run["parameters"]["dataset_path"].endswith("support/train.jsonl")
-        assert run["parameters"]["max_steps"] == RETRAIN_STEPS  # the trigger's parameters merge over the defaults
+        # The trigger's parameters merge over the deployment's defaults.
+        assert run["parameters"]["max_steps"] == RETRAIN_STEPS
+        assert run["parameters"]["eval_limit"] == RETRAIN_EVAL_LIMIT
         worker = _prefect(["worker", "start", "--pool", "llmhost", "--run-once"], env, timeout=2400)
         state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]["type"]
         assert state == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
