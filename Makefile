@@ -9,32 +9,38 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK ?= 1
 
-.PHONY: demo demo-serve test lint env runtime ui alerts screenshots clean-state ray-up ray-down team-up team-down test-gpu bench-env
+.PHONY: demo demo-serve test lint env runtime envs ui alerts screenshots clean-state ray-up ray-down team-up team-down test-gpu bench-env
 
 env: $(VENV)/.installed
 runtime: $(VLLM_VENV)/.installed
+# Both environments at once: they are separate venvs, and a cold build waits on downloads and unpacking as much as on
+# the CPU, so side by side they take less wall time than one after the other.
+envs:
+	@$(MAKE) -s --no-print-directory -j2 env runtime
 
 $(VENV)/.installed: pyproject.toml
+	@echo "make: building the control-plane environment $(VENV)"
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	# torch first, so the resolver takes the pinned wheel instead of a newer CUDA build.
-	$(VENV)/bin/pip install -q torch==2.13.0
-	# The gpu extra (nvidia-ml-py) where a GPU driver answers: GPU placement, `make ray-up` and the dashboard read NVML.
-	$(VENV)/bin/pip install -q -e ".[dev$$(nvidia-smi -L >/dev/null 2>&1 && echo ,gpu)]"
+	# torch pinned in the same resolve, so the resolver takes that wheel instead of a newer CUDA build (one resolve,
+	# not two). The gpu extra (nvidia-ml-py) where a GPU driver answers: GPU placement, `make ray-up` and the dashboard
+	# read NVML.
+	$(VENV)/bin/pip install -q torch==2.13.0 -e ".[dev$$(nvidia-smi -L >/dev/null 2>&1 && echo ,gpu)]"
 	touch $@
 
 $(VLLM_VENV)/.installed: scripts/install_runtime.sh
+	@echo "make: building the serving runtime environment $(VLLM_VENV)"
 	bash scripts/install_runtime.sh $(VLLM_VENV)
 	touch $@
 
-demo: env runtime
+demo: envs
 	$(VENV)/bin/llmhost demo
 
-demo-serve: env runtime
+demo-serve: envs
 	$(VENV)/bin/llmhost demo-serve --serve
 
 # The alerts (automations.yaml) are applied once ui.sh's Prefect server answers; ui.sh blocks until Ctrl-C.
-ui: env runtime
+ui: envs
 	PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api $(VENV)/bin/python -m flows.alerts apply --wait 180 & \
 	bash scripts/ui.sh
 
@@ -42,7 +48,7 @@ ui: env runtime
 alerts: env
 	$(VENV)/bin/python -m flows.alerts apply --wait 30
 
-test: env runtime
+test: envs
 	# Build the demo model once up front (skipped when its inputs are unchanged) so no test waits on it.
 	$(VENV)/bin/python -m demo.build >/dev/null
 	$(VENV)/bin/python -m pytest --durations=30
@@ -59,7 +65,7 @@ lint: env
 # A local Ray cluster for `target: ray` (deployments/demo-ray.yaml): a head and one worker node on loopback, each a
 # `ray start` from the serving venv; this machine's GPUs are shared out over the nodes (none: --num-gpus 0);
 # dashboard http://127.0.0.1:8265, state and logs under .llmhost/ray.
-ray-up: env runtime
+ray-up: envs
 	$(VENV)/bin/python -m tasks.serving.ray_cluster up
 
 ray-down: env
@@ -73,7 +79,7 @@ team-up: env
 team-down: env
 	$(VENV)/bin/python -m tasks.core.team down
 
-screenshots: env runtime
+screenshots: envs
 	$(VENV)/bin/python scripts/screenshots.py --out docs/screenshots
 
 clean-state:
