@@ -31,7 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gateway_overhead import Arm, free_port, run_load, start, tree_cpu, wait_health  # noqa: E402
+from benchmarks.gateway_overhead import Arm, free_port, run_load, start, tree_cpu  # noqa: E402
 
 LABELS = {"off": "batched (old)", "write": "journal, write", "fdatasync": "journal, fdatasync"}
 GATEWAY = """
@@ -57,23 +57,20 @@ def main() -> int:
 
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
-    log_path = home / "bench.log"
     try:
-        with log_path.open("wb") as log:
-            up_port = free_port()
-            procs["upstream"] = start([sys.executable, str(ROOT / "benchmarks" / "instant_upstream.py"), "--port",
-                                       str(up_port)], home / "upstream.log", f"http://127.0.0.1:{up_port}/health",
-                                      "instant upstream")
-            key = store.create_key("bench", team="bench", actor="benchmark")
-            store.attach_server("bench", base_url=f"http://127.0.0.1:{up_port}/v1", served_model="instant",
-                                actor="benchmark")
-            store.grant("bench", team="bench", actor="benchmark")
-            for mode in ("off", "write", "fdatasync"):
-                port = free_port()
-                procs[mode] = subprocess.Popen([sys.executable, "-c", GATEWAY, str(port), mode], cwd=ROOT,
-                                               env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-                urls[mode] = f"http://127.0.0.1:{port}"
-                wait_health(f"{urls[mode]}/health", procs[mode], log_path, f"gateway ({mode})")
+        up_port = free_port()
+        procs["upstream"] = start([sys.executable, str(ROOT / "benchmarks" / "instant_upstream.py"), "--port",
+                                   str(up_port)], home / "upstream.log", f"http://127.0.0.1:{up_port}/health",
+                                  "instant upstream")
+        key = store.create_key("bench", team="bench", actor="benchmark")
+        store.attach_server("bench", base_url=f"http://127.0.0.1:{up_port}/v1", served_model="instant",
+                            actor="benchmark")
+        store.grant("bench", team="bench", actor="benchmark")
+        for mode in ("off", "write", "fdatasync"):
+            port = free_port()
+            urls[mode] = f"http://127.0.0.1:{port}"
+            procs[mode] = start([sys.executable, "-c", GATEWAY, str(port), mode], home / f"gateway-{mode}.log",
+                                f"{urls[mode]}/health", f"gateway ({mode})")
 
         arms = {mode: Arm(mode) for mode in urls}
         cpu = dict.fromkeys(urls, 0.0)
