@@ -51,7 +51,8 @@ alerts: env
 test: envs
 	# Build the demo model once up front (skipped when its inputs are unchanged) so no test waits on it.
 	$(VENV)/bin/python -m demo.build >/dev/null
-	$(VENV)/bin/python -m pytest --durations=30
+	# Two pytest processes side by side: the lifecycle group at a lower priority (scripts/run_tests.sh says why).
+	PYTHON=$(VENV)/bin/python bash scripts/run_tests.sh
 
 # The CUDA checks (marker `gpu`, tests/test_gpu.py); -rs prints why each skipped where torch sees no CUDA. `make test`
 # collects them too and they skip there. On a GPU image without this env: python scripts/gpu_check.py --help.

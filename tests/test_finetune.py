@@ -356,6 +356,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 
 
 @pytest.mark.slow
+@pytest.mark.lifecycle
 @pytest.mark.skipif(
     os.environ.get("LLMHOST_SKIP_DEMO_FINETUNE") == "1", reason="LLMHOST_SKIP_DEMO_FINETUNE=1"
 )

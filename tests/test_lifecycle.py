@@ -19,7 +19,7 @@ from testing_utils import files_holding
 from tasks.core.settings import PROJECT_ROOT
 from tasks.serving.local import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+pytestmark = [pytest.mark.slow, pytest.mark.lifecycle, pytest.mark.timeout(3600)]
 # The first test's lifecycle summary, quoted by the tests that build on its promotion.
 LIFECYCLE: dict[str, Any] = {}
 RETRAIN_STEPS = 60
