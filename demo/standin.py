@@ -15,10 +15,13 @@ recipe and the training data, like the demo model's own build.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,20 +80,35 @@ def _key(base: BuildResult, cfg: Any) -> str:
     return h.hexdigest()
 
 
+def _built(out: Path, key: str) -> dict[str, Any] | None:
+    """The build marker of `out` when it was built from `key` and is unchanged since, else None."""
+    marker = out / ".build.json"
+    if marker.exists():
+        meta: dict[str, Any] = json.loads(marker.read_text())
+        if meta.get("build_key") == key and meta.get("content_hash") == dir_content_hash(out):
+            return meta
+    return None
+
+
+def _out_dir(demo_dir: Path, steps: int) -> Path:
+    return Path(demo_dir).resolve() / f"frontier-standin-{steps}steps"  # a short test build never evicts the demo's
+
+
 def build_standin(demo_dir: Path, *, steps: int = DEFAULT_STEPS, log: Any = print) -> StandinBuild:
-    """Writes `demo_dir/frontier-standin-<steps>steps` (a PEFT adapter); skipped when its inputs are unchanged."""
+    """Writes `demo_dir/frontier-standin-<steps>steps` (a PEFT adapter); skipped when its inputs are unchanged.
+
+    The build holds a file lock, so a call while another process builds (`build_in_background`) waits for that
+    build and then reuses it."""
     base = build_demo_model(demo_dir, log=log)
     cfg = _recipe(base, steps)
     key = _key(base, cfg)
-    out = Path(demo_dir).resolve() / f"frontier-standin-{steps}steps"  # a short test build never evicts the demo's
+    out = _out_dir(demo_dir, steps)
     with (Path(demo_dir) / ".standin.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = out / ".build.json"
-        if marker.exists():
-            meta = json.loads(marker.read_text())
-            if meta.get("build_key") == key and meta.get("content_hash") == dir_content_hash(out):
-                return StandinBuild(adapter_dir=out, build_key=key, steps=steps, skipped=True, seconds=0.0,
-                                    final_loss=meta.get("final_loss"))
+        meta = _built(out, key)
+        if meta is not None:
+            return StandinBuild(adapter_dir=out, build_key=key, steps=steps, skipped=True, seconds=0.0,
+                                final_loss=meta.get("final_loss"))
         from tasks.finetune.data import load_training_data
         from tasks.finetune.train import train_lora
 
@@ -110,6 +128,24 @@ def build_standin(demo_dir: Path, *, steps: int = DEFAULT_STEPS, log: Any = prin
         tmp.rename(out)
         return StandinBuild(adapter_dir=out, build_key=key, steps=steps, skipped=False,
                             seconds=round(time.monotonic() - started, 1), final_loss=final_loss)
+
+
+def build_in_background(steps: int, log_file: Path, *, demo_dir: Path | None = None) -> subprocess.Popen[bytes] | None:
+    """Start the stand-in's build in a child process (`python -m demo.standin`) unless it is already built.
+
+    Its training runs on one thread (demo/finetune.yaml's cpu_threads), like the lifecycle's own fine-tune, so the
+    two train side by side on a 2-core machine; `serve_standin` then waits on the build's lock and reuses it. None
+    when the build is current (nothing to do)."""
+    demo_dir = demo_dir or demo_cache_dir()
+    base = build_demo_model(demo_dir, log=lambda _m: None)
+    cfg = _recipe(base, steps)
+    if _built(_out_dir(demo_dir, steps), _key(base, cfg)) is not None:
+        return None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:  # the child keeps its own copy of the fd
+        return subprocess.Popen([sys.executable, "-u", "-m", "demo.standin", "--steps", str(steps), "--demo-dir",
+                                 str(demo_dir)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=PROJECT_ROOT, start_new_session=True)
 
 
 def write_catalog_entry(base_url: str, *, priced_as: str = PRICED_AS) -> Path:
@@ -147,3 +183,18 @@ def serve_standin(endpoint: str, *, steps: int = DEFAULT_STEPS, demo_dir: Path |
     load_on_replica(base_url, SERVED_NAME, built.adapter_dir)
     return StandinServed(frontier=f"frontier:{CATALOG_NAME}", base_url=base_url, served_name=SERVED_NAME,
                          catalog_file=write_catalog_entry(base_url), build=built)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m demo.standin [--steps N]`: build the stand-in's adapter (once; skipped when current)."""
+    ap = argparse.ArgumentParser(prog="python -m demo.standin", description=main.__doc__)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--demo-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    built = build_standin(args.demo_dir or demo_cache_dir(), steps=args.steps)
+    print(built.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

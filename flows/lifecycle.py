@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -9,6 +10,7 @@ from typing import ParamSpec, TypeVar
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from demo.standin import DEFAULT_STEPS, build_in_background
 from flows import lifecycle_support as support
 from flows.demo_source import resolve_source
 from flows.gateway import ensure_gateway, gateway_url
@@ -68,6 +70,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
                                mlflow_uri=get_settings().mlflow_uri, parent_run_id=parent,
                                metric=params.policy.must_improve[0])
     status = "FAILED"
+    building: subprocess.Popen[bytes] | None = None
     try:
         registered = timed("register", register_model_cached, resolve_source(params.source), model)
         champion = summary.champion_before = support.ensure_champion(model, registered.version, actor="lifecycle")
@@ -80,23 +83,43 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
 
         champion_target = f"endpoint:{spec.name}"
         frontier = params.frontier
-        if frontier is None and params.frontier_standin:
-            frontier = timed("frontier-standin", standin_task, spec.name, params.standin_steps).frontier
-        ok, summary.frontier = support.frontier_available(frontier)
-        if ok and frontier:
-            front = timed("evaluate-frontier", compare_task, params.suite, champion_target, frontier,
-                          limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
-                          artifact_key="lifecycle-eval")
-            support.attach_runs(parent, list(front.run_ids.values()))
-            summary.frontier_verdict = verdict_line(front.comparison.verdict)
-            summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
+        standin_steps = params.standin_steps or DEFAULT_STEPS
+        ok = False
+
+        def frontier_branch() -> None:
+            """The champion against the frontier (or its stand-in): the question before any fine-tuning."""
+            nonlocal frontier, ok
+            if frontier is None and params.frontier_standin:
+                frontier = timed("frontier-standin", standin_task, spec.name, standin_steps).frontier
+            ok, summary.frontier = support.frontier_available(frontier)
+            if ok and frontier:
+                front = timed("evaluate-frontier", compare_task, params.suite, champion_target, frontier,
+                              limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
+                              artifact_key="lifecycle-eval")
+                support.attach_runs(parent, list(front.run_ids.values()))
+                summary.frontier_verdict = verdict_line(front.comparison.verdict)
+                summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
+            else:
+                log.warning(summary.frontier)
+
+        # A stand-in not yet built on this machine trains in a child process beside the fine-tune (each on one of
+        # a 2-core machine's cores); the frontier branch then follows the fine-tune, once both are trained, so that
+        # no comparison is measured while a training shares the machine.
+        standin_log = support.child_log("standin-build")
+        building = (build_in_background(standin_steps, standin_log)
+                    if frontier is None and params.frontier_standin else None)
+        if building is None:
+            frontier_branch()
         else:
-            log.warning(summary.frontier)
+            quiet.say(f"frontier stand-in: training in the background beside the fine-tune (pid {building.pid}, "
+                      f"log {standin_log})", also=log.info)
 
         ft_cfg = support.finetune_config_for(params.finetune_config, f"models:/{model}/{champion}",
                                              params.finetune_max_steps)
         ft = timed("fine-tune", finetune_cached, ft_cfg, quiet=True)
         support.attach_runs(parent, [ft.run_id])
+        if building is not None:
+            frontier_branch()  # serve_standin waits on the build's lock, then reuses what the child built
         summary.candidate = ft.registered_version
         mark_challenger(model, str(ft.registered_version), actor="lifecycle")  # under test from here on
         adapter = f"v{ft.registered_version}"
@@ -133,4 +156,5 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         return summary
     finally:
         summary.timings = timings
+        support.stop_child(building)  # a failed run leaves no training behind (the next run builds again)
         support.end_parent_run(parent, summary, status)

@@ -19,7 +19,7 @@ class LifecycleParams(BaseModel):
         default=False, description="With no `frontier`: compare with the demo's frontier stand-in (local), a "
         "stronger model served by the endpoint's vLLM and priced as gpt-4o-mini (demo/standin.py).",
     )
-    standin_steps: int | None = Field(default=None, ge=1, description="The stand-in's training steps (default 2000).")
+    standin_steps: int | None = Field(default=None, ge=1, description="The stand-in's training steps (default 1200).")
     saturation: int | None = Field(
         default=None, ge=1, description="With a frontier: also load the endpoint at this concurrency (its "
         "max_num_seqs) during the candidate-vs-frontier comparison, to price a replica kept full.",

@@ -45,3 +45,32 @@ def test_committed_eval_split_matches_the_generator():
     assert [json.loads(line) for line in committed] == data.routing_rows("eval")
     committed = (PROJECT_ROOT / "eval_suites" / "data" / "demo_tools_eval.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in committed] == data.tool_rows("eval")
+
+
+def test_the_standin_trains_in_a_child_and_a_build_call_waits_for_it_and_reuses_it(demo_build, tmp_path):
+    """What the lifecycle does with a stand-in not yet built: `build_in_background` trains it in a child process
+    beside the fine-tune, then the frontier step's `build_standin` waits on the build's lock and reuses the result."""
+    import shutil
+    import time
+
+    from demo.standin import build_in_background, build_standin
+
+    demo_dir = tmp_path / "demo"
+    for part in ("model", "data"):
+        shutil.copytree(demo_build.model_dir if part == "model" else demo_build.data_dir, demo_dir / part)
+    log = tmp_path / "standin-build.log"
+    child = build_in_background(3, log, demo_dir=demo_dir)
+    assert child is not None
+    try:
+        deadline = time.monotonic() + 120
+        while "training the frontier stand-in" not in (log.read_text() if log.exists() else ""):
+            assert child.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the child never started training"
+            time.sleep(0.5)
+        reused = build_standin(demo_dir, steps=3, log=lambda *_: None)  # the child holds the lock: this waits
+        assert child.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert reused.skipped and (reused.adapter_dir / "adapter_config.json").exists(), reused
+    assert build_in_background(3, log, demo_dir=demo_dir) is None  # built: nothing to start
