@@ -80,7 +80,20 @@ class EndpointRoute:
 
 
 def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, EndpointRoute]]:
-    """(epoch, endpoint name -> route) in one read; replicas that were stopped or failed are left out."""
+    """(epoch, endpoint name -> route) as of one epoch; replicas that were stopped or failed are left out.
+
+    SQLite's driver runs each SELECT on its own, so a switch committed between the read of an endpoint's live
+    revision and the read of its replicas could pair the old revision with its just-stopped rows: a route with no
+    replica, and 503s until the next reload. Every change bumps the epoch in its own transaction, so the epoch is
+    read again at the end and the read repeated when it moved.
+    """
+    while True:
+        epoch, routes = _read_routes(engine)
+        if routes_epoch(engine) == epoch:
+            return epoch, routes
+
+
+def _read_routes(engine: Engine | None) -> tuple[int, dict[str, EndpointRoute]]:
     with session_scope(engine) as s:
         epoch = int(s.execute(select(Meta.value).where(Meta.name == ROUTES_EPOCH)).scalar_one())
         grants: dict[int, tuple[set[str], set[str]]] = {}
