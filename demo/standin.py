@@ -90,8 +90,12 @@ def _built(out: Path, key: str) -> dict[str, Any] | None:
     return None
 
 
-def _out_dir(demo_dir: Path, steps: int) -> Path:
-    return Path(demo_dir).resolve() / f"frontier-standin-{steps}steps"  # a short test build never evicts the demo's
+def _plan(demo_dir: Path, steps: int, log: Any) -> tuple[BuildResult, Any, str, Path]:
+    """The demo base (built if missing), the recipe, its build key and the adapter's folder."""
+    base = build_demo_model(demo_dir, log=log)
+    cfg = _recipe(base, steps)
+    out = Path(demo_dir).resolve() / f"frontier-standin-{steps}steps"  # a short test build never evicts the demo's
+    return base, cfg, _key(base, cfg), out
 
 
 def build_standin(demo_dir: Path, *, steps: int = DEFAULT_STEPS, log: Any = print) -> StandinBuild:
@@ -99,10 +103,7 @@ def build_standin(demo_dir: Path, *, steps: int = DEFAULT_STEPS, log: Any = prin
 
     The build holds a file lock, so a call while another process builds (`build_in_background`) waits for that
     build and then reuses it."""
-    base = build_demo_model(demo_dir, log=log)
-    cfg = _recipe(base, steps)
-    key = _key(base, cfg)
-    out = _out_dir(demo_dir, steps)
+    base, cfg, key, out = _plan(demo_dir, steps, log)
     with (Path(demo_dir) / ".standin.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = _built(out, key)
@@ -137,9 +138,8 @@ def build_in_background(steps: int, log_file: Path, *, demo_dir: Path | None = N
     two train side by side on a 2-core machine; `serve_standin` then waits on the build's lock and reuses it. None
     when the build is current (nothing to do)."""
     demo_dir = demo_dir or demo_cache_dir()
-    base = build_demo_model(demo_dir, log=lambda _m: None)
-    cfg = _recipe(base, steps)
-    if _built(_out_dir(demo_dir, steps), _key(base, cfg)) is not None:
+    _, _, key, adapter_dir = _plan(demo_dir, steps, lambda _m: None)
+    if _built(adapter_dir, key) is not None:
         return None
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as out:  # the child keeps its own copy of the fd

@@ -26,6 +26,7 @@ from flows.tasks import (
     standin_task,
 )
 from tasks.core import quiet
+from tasks.core.procs import kill_group
 from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
 from tasks.evaluate.compare import Comparison
@@ -105,7 +106,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         # A stand-in not yet built on this machine trains in a child process beside the fine-tune (each on one of
         # a 2-core machine's cores); the frontier branch then follows the fine-tune, once both are trained, so that
         # no comparison is measured while a training shares the machine.
-        standin_log = support.child_log("standin-build")
+        standin_log = quiet.log_file_for("standin-build", get_settings().home_abs)
         building = (build_in_background(standin_steps, standin_log)
                     if frontier is None and params.frontier_standin else None)
         if building is None:
@@ -156,5 +157,6 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         return summary
     finally:
         summary.timings = timings
-        support.stop_child(building)  # a failed run leaves no training behind (the next run builds again)
+        if building is not None and building.poll() is None:  # a failed run leaves no training behind
+            kill_group(building.pid)  # its own session (start_new_session): the next run builds again
         support.end_parent_run(parent, summary, status)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 from flows.lifecycle_models import LifecycleSummary
 from tasks.core.errors import ConfigError
-from tasks.core.settings import PROJECT_ROOT, get_settings
+from tasks.core.settings import PROJECT_ROOT
 from tasks.core.tracking import configure_mlflow, get_or_create_experiment, mlflow_client
 from tasks.evaluate.targets import resolve_target
 from tasks.finetune import FinetuneConfig, load_config, trainable_base
@@ -78,25 +76,3 @@ def end_parent_run(run_id: str, summary: LifecycleSummary, status: str = "FINISH
     client.set_tag(run_id, "llmhost.promoted", str(summary.promoted).lower())
     client.log_text(run_id, summary.text(), "summary.txt")
     client.set_terminated(run_id, status)
-
-
-def child_log(name: str) -> Path:
-    """`$LLMHOST_HOME/logs/<name>-<timestamp>.log`: where a child process of the flow writes."""
-    return get_settings().home_abs / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-
-
-def stop_child(proc: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -> None:
-    """Terminate a child the flow started (its whole session), if it is still running."""
-    import os
-    import signal
-
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -56,8 +56,8 @@ def test_the_standin_trains_in_a_child_and_a_build_call_waits_for_it_and_reuses_
     from demo.standin import build_in_background, build_standin
 
     demo_dir = tmp_path / "demo"
-    for part in ("model", "data"):
-        shutil.copytree(demo_build.model_dir if part == "model" else demo_build.data_dir, demo_dir / part)
+    shutil.copytree(demo_build.model_dir, demo_dir / "model")
+    shutil.copytree(demo_build.data_dir, demo_dir / "data")
     log = tmp_path / "standin-build.log"
     child = build_in_background(3, log, demo_dir=demo_dir)
     assert child is not None

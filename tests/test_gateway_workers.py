@@ -121,7 +121,8 @@ def test_two_workers_meter_every_request_once_and_refuse_a_revoked_key(upstream:
         proc.terminate()
         proc.wait(timeout=60)
     assert proc.returncode == 0, (tmp_path / "gateway.log").read_text()[-3000:]
-    rows = [u for u in store.list_usage(endpoint=ENDPOINT) if u.request_id not in before | set(warm_ids)]
+    earlier = before | set(warm_ids)
+    rows = [u for u in store.list_usage(endpoint=ENDPOINT) if u.request_id not in earlier]
     assert sorted(str(u.request_id) for u in rows) == sorted(ids)  # N rows exactly: none lost, none twice
     assert all(u.status_code == 200 and u.prompt_tokens == 9 and u.completion_tokens == 7 for u in rows)
     assert sum(u.stream for u in rows) == N // 2

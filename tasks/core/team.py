@@ -19,7 +19,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.core.errors import ConfigError, ServingError
-from tasks.core.procs import free_port
+from tasks.core.procs import free_port, group_alive, kill_group
 from tasks.core.settings import get_settings
 
 DB_USER = "llmhost"
@@ -201,12 +200,12 @@ class TeamServices:
                 if httpx.get(f"{st.tracking_uri}/health", timeout=2).status_code == 200:
                     return proc.pid
             time.sleep(0.25)
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         raise ServingError(f"mlflow server did not answer /health within {self.startup_timeout_s:.0f} s; "
                            f"see {self.mlflow_log}")
 
     def mlflow_running(self, st: TeamState) -> bool:
-        return st.mlflow_pid is not None and _group_alive(st.mlflow_pid)
+        return st.mlflow_pid is not None and group_alive(st.mlflow_pid)
 
     # ------------------------------------------------------------------------------------------------ up/down
 
@@ -237,9 +236,9 @@ class TeamServices:
     def stop_mlflow(self) -> bool:
         """Stop the MLflow server alone; True if it was running."""
         st = self.state()
-        if not (st and st.mlflow_pid and _group_alive(st.mlflow_pid)):
+        if not (st and st.mlflow_pid and group_alive(st.mlflow_pid)):
             return False
-        _kill_group(st.mlflow_pid)
+        kill_group(st.mlflow_pid)
         st.mlflow_pid = None
         self._save(st)
         return True
@@ -257,31 +256,6 @@ class TeamServices:
         if st is None:
             raise ServingError(f"no team services under {self.root}; run `make team-up` first")
         return st
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pgid, os.WNOHANG)
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int = 3) -> str:

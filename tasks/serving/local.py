@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from tasks.core.errors import ReplicaStartError, ServingError
-from tasks.core.procs import free_port, pid_alive
+from tasks.core.procs import free_port, group_alive, pid_alive
 from tasks.core.settings import get_settings
 from tasks.serving.base import Replica, ReplicaState, VllmArgs
 
@@ -195,9 +195,9 @@ class LocalTarget:
         deadline = time.monotonic() + self.settings.stop_grace_s
         while time.monotonic() < deadline:
             if proc is not None:
-                if proc.poll() is not None and not _group_alive(pid):
+                if proc.poll() is not None and not group_alive(pid):
                     break
-            elif not pid_alive(pid) and not _group_alive(pid):
+            elif not pid_alive(pid) and not group_alive(pid):
                 break
             time.sleep(0.1)
         else:
@@ -208,7 +208,7 @@ class LocalTarget:
                 proc.wait(timeout=5)
         # Wait until the group is gone: vLLM's engine core is a separate process in the same group.
         end = time.monotonic() + 5
-        while _group_alive(pid) and time.monotonic() < end:
+        while group_alive(pid) and time.monotonic() < end:
             time.sleep(0.05)
         replica.state = "stopped"
 
@@ -228,12 +228,3 @@ class LocalTarget:
     def logs(self, replica: Replica, lines: int = 100) -> str:
         return _tail(Path(replica.log_path), lines) if replica.log_path else ""
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

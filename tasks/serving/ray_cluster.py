@@ -26,8 +26,9 @@ import httpx
 
 from tasks.core.errors import ServingError
 from tasks.core.gpus import inventory
+from tasks.core.procs import group_alive
 from tasks.core.settings import get_settings
-from tasks.serving.local import _group_alive, free_port, has_cuda_gpu
+from tasks.serving.local import free_port, has_cuda_gpu
 
 # Each node offers two replica slots: one for the live revision's replica and one for its blue/green successor,
 # while `max_replicas_per_node: 1` (deployments/demo-ray.yaml) keeps one revision's replicas on different nodes.
@@ -155,7 +156,7 @@ class LocalRayCluster:
 
     def up(self, timeout_s: float = 240.0) -> LocalRayCluster:
         """Starts the head, then the workers; returns once the dashboard lists every node alive."""
-        if self.state() and any(_group_alive(p) for p in self.pids()):
+        if self.state() and any(group_alive(p) for p in self.pids()):
             if len(self.alive_nodes()) == 1 + self.workers:
                 return self
             raise ServingError(f"a Ray cluster under {self.root} is half up; run `make ray-down` first")
@@ -190,7 +191,7 @@ class LocalRayCluster:
     def _wait(self, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.alive_nodes()) < n:
-            dead = [node for node in self.state()["nodes"] if not _group_alive(int(node["pid"]))]
+            dead = [node for node in self.state()["nodes"] if not group_alive(int(node["pid"]))]
             if dead or time.monotonic() > deadline:
                 tail = Path(dead[0]["log"] if dead else self.state()["nodes"][-1]["log"]).read_text(errors="replace")
                 self.down()
@@ -206,7 +207,7 @@ class LocalRayCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while any(_group_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(group_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
