@@ -267,3 +267,62 @@ def test_single_target_report(routing: LoadedSuite) -> None:
     md = render_run_markdown(routing.suite, "url:x#m", make_run(routing, answers(routing, wrong=20)))
     assert md.startswith("# routing v1 @ `url:x#m`\n")
     assert "| accuracy | 0.900 | [" in md and "- 200/200 ok; latency p50 0.100s" in md
+
+
+# ---------------------------------------------------------------------------------------------- MLflow logging
+
+_LOG_SIDE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+import mlflow
+from tests.test_evaluation_compare import answers, make_run
+from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
+from tasks.evaluate.mlflow_logging import log_genai_assessments, log_result, log_traces
+from tasks.evaluate.suite import load
+
+from tasks.evaluate.suite import LoadedSuite
+full = load(Path(sys.argv[2]))
+loaded = LoadedSuite(suite=full.suite, examples=full.examples[:120])
+res = make_run(loaded, answers(loaded, wrong=20))
+configure_mlflow()
+exp = get_or_create_experiment("eval/routing")
+with experiment_scope(exp), mlflow.start_run() as run:
+    log_traces(res, loaded)
+    log_result(res, loaded)
+    assessed = log_genai_assessments(res, loaded)
+traces = mlflow.search_traces(locations=[exp], run_id=run.info.run_id, return_type="list")
+per_trace = sorted({len([a for a in t.info.assessments if a.name == "accuracy"]) for t in traces})
+right = sum(a.feedback.value for t in traces for a in t.info.assessments if a.name == "accuracy")
+print(json.dumps({"traces": len(traces), "ids": len({t.info.trace_id for t in traces}), "assessed": assessed,
+                  "per_trace": per_trace, "right": right}))
+"""
+
+
+def test_every_example_gets_a_trace_and_its_scores_past_the_export_queue(
+    routing: LoadedSuite, tmp_path: Path
+) -> None:
+    # MLflow's async trace export drops what overflows its queue: 120 examples against a queue of 60 tasks lost
+    # spans and scores before log_traces drained it. Its own process, so the size takes effect.
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "LLMHOST_HOME": str(tmp_path),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_REGISTRY_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "60",
+    }
+    env.pop("MLFLOW_GENAI_EVAL_SCORER_RATE_LIMIT", None)
+    suite_path = routing.suite.source
+    assert suite_path is not None
+    out = subprocess.run(
+        [sys.executable, "-c", _LOG_SIDE, str(root), str(suite_path)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"traces": 120, "ids": 120, "assessed": 120, "per_trace": [1], "right": 100}

@@ -24,10 +24,14 @@ def configure_mlflow() -> str:
     uri = settings.mlflow_uri
     if uri.startswith("sqlite:"):
         # SQLite takes one writer at a time, and mlflow.genai.evaluate's threads (10 by default) each write the
-        # assessments of their trace: on this store the extra threads only contend. One worker logged a 240-example
-        # side's assessments in 29.4-29.5 s against 33.8-34.1 s with ten (2 alternating rounds, 2 cores). A value
-        # set in the environment wins.
+        # assessments of their trace: on this store the extra threads only contend. With the scorer rate limiter off
+        # (mlflow_logging), one worker logged a 240-example side's assessments in 6.90/7.06 s against 7.33/7.15 s with
+        # ten (benchmarks/trace_logging.py, 2 alternating rounds, 2 cores). A value set in the environment wins.
         os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "1")
+    # Eval traces are written in one burst after the timed phase, faster than the exporter stores them, and MLflow's
+    # async export queue (1,000 tasks by default) drops what overflows it: suites of ~700+ examples lost traces.
+    # A queued task is one trace's few KB. A value set in the environment wins (log_traces then drains as it goes).
+    os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE", "20000")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri

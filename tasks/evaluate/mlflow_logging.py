@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +68,17 @@ def log_traces(result: RunResult, loaded: LoadedSuite) -> int:
     """
     import mlflow
     from mlflow.entities import SpanEvent
+    from mlflow.environment_variables import MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE
     from mlflow.tracing.constant import SpanAttributeKey
 
     t = result.target
     now = time.time_ns()
-    for ex, rec in zip(loaded.examples, result.records, strict=True):
+    # The async exporter drops what overflows its queue (a warning, then lost spans): a suite of more than about
+    # two thirds of the queue's size lost scores. configure_mlflow raises the default size; past half of whatever
+    # it is, the queue is drained every third of it (a drain stops and restarts the exporter's threads, ~2 s).
+    queue_size = MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE.get()
+    drain_every = max(1, queue_size // 3) if len(result.records) > queue_size // 2 else 0
+    for n, (ex, rec) in enumerate(zip(loaded.examples, result.records, strict=True), 1):
         start = rec.started_ns or now
         end = start + int((rec.latency_s or 0.0) * 1e9)
         root = mlflow.start_span_no_context(
@@ -118,6 +127,9 @@ def log_traces(result: RunResult, loaded: LoadedSuite) -> int:
             end_time_ns=end,
         )
         rec.trace_id = root.trace_id
+        if drain_every and n % drain_every == 0:
+            with contextlib.suppress(Exception):
+                mlflow.flush_trace_async_logging()
     with contextlib.suppress(Exception):
         mlflow.flush_trace_async_logging()
     return len(result.records)
@@ -192,7 +204,7 @@ def log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
     by_trace = {r.trace_id: r for r in result.records if r.trace_id}
     if not by_trace:
         return 0
-    traces = [t for t in (mlflow.get_trace(tid) for tid in by_trace) if t is not None]
+    traces = _read_traces(list(by_trace))
     corpus = {n for n, c in result.columns.items() if c.corpus is not None}
 
     def make(name: str) -> Any:
@@ -211,9 +223,68 @@ def log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
     from tasks.core.quiet import redirect_output_to_log
 
     # Its banner goes straight to stdout and its tqdm bar to stderr: both into the command's log file, if any.
-    with redirect_output_to_log():
+    with redirect_output_to_log(), _scorers_unthrottled():
         mlflow.genai.evaluate(data=traces, scorers=scorers)
     return len(traces)
+
+
+def _read_traces(trace_ids: list[str]) -> list[Any]:
+    """The run's traces in `trace_ids` order, read back in one search rather than a `get_trace` each.
+
+    `genai.evaluate` wants the stored traces (their ids, root span and inputs/outputs); one search over the
+    active run's traces reads them in a few batched queries. Any id the search did not return (a trace not
+    linked to the run) is read on its own, as before.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    found: dict[str, Any] = {}
+    if run is not None:
+        found = {
+            t.info.trace_id: t
+            for t in mlflow.search_traces(
+                locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list"
+            )
+        }
+    out = []
+    for tid in trace_ids:
+        t = found.get(tid) or mlflow.get_trace(tid)
+        if t is not None:
+            out.append(t)
+    return out
+
+
+_unthrottle_lock = threading.Lock()
+_unthrottle_users = 0
+
+
+@contextlib.contextmanager
+def _scorers_unthrottled() -> Iterator[None]:
+    """No rate limit on scorer calls for the duration of a `genai.evaluate`, unless the environment sets one.
+
+    Without MLFLOW_GENAI_EVAL_SCORER_RATE_LIMIT, `genai.evaluate` paces scorer calls at 10/s per scorer (adaptive,
+    up to 2x), a guard for LLM judges behind a paid API. These scorers only hand MLflow scores computed by the
+    runner, so the pacing was all wait: 960 calls (240 examples, 4 scores) spent ~19 s of a side's ~23 s asleep
+    in the limiter. "0" is the documented value that disables it. Two sides logged at once (threads) share the
+    override: the last to leave removes it, so neither finds it gone halfway.
+    """
+    global _unthrottle_users
+    key = "MLFLOW_GENAI_EVAL_SCORER_RATE_LIMIT"
+    with _unthrottle_lock:
+        if _unthrottle_users == 0 and key in os.environ:
+            ours = False  # the user's own setting: leave it alone
+        else:
+            ours = True
+            _unthrottle_users += 1
+            os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if ours:
+            with _unthrottle_lock:
+                _unthrottle_users -= 1
+                if _unthrottle_users == 0:
+                    os.environ.pop(key, None)
 
 
 def log_result(
