@@ -8,10 +8,10 @@ with outputs, tool calls (for a tool suite), a few failed examples, token counts
 (`score_all`, as the runner computes them). MLflow points at a fresh sqlite store and artifact dir under a tmp
 LLMHOST_HOME, configured by `configure_mlflow` and the suite's experiment exactly as `evaluate_target` does.
 
-Arms: "before" is a frozen copy of the implementation this benchmark was written against (below);
-"after" is whatever tasks.evaluate.mlflow_logging holds now. Each repetition runs both arms, each in a fresh
-MLflow run of the same store, alternating which goes first. Each arm times, as `evaluate_target` runs them:
-log_traces, then log_result (params/metrics/table, untimed), then log_genai_assessments.
+Arms: "before" is tasks/evaluate/mlflow_logging.py as committed at --before-rev (default: the commit before
+this change, read with `git show`); "after" is whatever tasks.evaluate.mlflow_logging holds now. Each repetition
+runs both arms, each in a fresh MLflow run of the same store, alternating which goes first. Each arm times, as
+`evaluate_target` runs them: log_traces, then log_result (params/metrics/table, untimed), then log_genai_assessments.
 With --check (default) the first repetition of each arm is read back from the store (spans, span inputs,
 outputs, attributes, events and times; assessments; the run's metrics, tags and inputs) and the two arms'
 normalised dumps are compared, so a faster "after" that logs something different shows up as a diff.
@@ -54,96 +54,33 @@ from tasks.evaluate.runner import ExampleRecord, RunResult  # noqa: E402
 from tasks.evaluate.suite import LoadedSuite  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- "before"
-# A frozen copy of tasks/evaluate/mlflow_logging.py's two functions as they were before this benchmark.
+
+BEFORE_REV = "f204e097cbdb7529ccc1cd1927f02a4d225f9868"  # the last commit before the change this measures
 
 
-def before_log_traces(result: RunResult, loaded: LoadedSuite) -> int:
-    import mlflow
-    from mlflow.entities import SpanEvent
-    from mlflow.tracing.constant import SpanAttributeKey
+def load_before(rev: str) -> Any:
+    """tasks/evaluate/mlflow_logging.py as committed at `rev`, imported as its own module beside the current one.
 
-    from tasks.evaluate.mlflow_logging import _chat_completion
+    Its imports resolve against this tree, as the frozen copy it replaces did; `git show` needs the full history
+    (not a shallow clone).
+    """
+    import importlib.util
+    import subprocess
 
-    t = result.target
-    now = time.time_ns()
-    for ex, rec in zip(loaded.examples, result.records, strict=True):
-        start = rec.started_ns or now
-        end = start + int((rec.latency_s or 0.0) * 1e9)
-        root = mlflow.start_span_no_context(
-            name=f"eval {rec.id}",
-            span_type="CHAIN",
-            inputs={"example_id": rec.id, "messages": ex.messages},
-            attributes={"llmhost.target": t.spec, "llmhost.suite": result.suite_name},
-            start_time_ns=start,
-        )
-        attrs: dict[str, Any] = {
-            SpanAttributeKey.MESSAGE_FORMAT: "openai",
-            "llmhost.latency_s": rec.latency_s,
-            "llmhost.ttft_s": rec.ttft_s,
-            "llmhost.retries": rec.retries,
-        }
-        if rec.tokens_in is not None and rec.tokens_out is not None:
-            attrs[SpanAttributeKey.CHAT_USAGE] = {
-                "input_tokens": rec.tokens_in,
-                "output_tokens": rec.tokens_out,
-                "total_tokens": rec.tokens_in + rec.tokens_out,
-            }
-        call = mlflow.start_span_no_context(
-            name="chat.completions",
-            span_type="CHAT_MODEL",
-            parent_span=root,
-            inputs={"model": t.model, "messages": ex.messages, **result.request_params},
-            attributes=attrs,
-            start_time_ns=start,
-        )
-        if rec.ttft_s is not None:
-            call.add_event(SpanEvent(name="first_token", timestamp=start + int(rec.ttft_s * 1e9)))  # type: ignore[abstract]
-        status = "OK" if rec.ok else "ERROR"
-        call.end(
-            outputs=_chat_completion(result, rec) if rec.ok else {"error": rec.error},
-            status=status,
-            end_time_ns=end,
-        )
-        root.end(
-            outputs={"output": rec.output, "tool_calls": rec.tool_calls, "scores": rec.scores, "error": rec.error},
-            status=status,
-            end_time_ns=end,
-        )
-        rec.trace_id = root.trace_id
-    with contextlib.suppress(Exception):
-        mlflow.flush_trace_async_logging()
-    return len(result.records)
-
-
-def before_log_genai_assessments(result: RunResult, loaded: LoadedSuite) -> int:
-    import mlflow
-    from mlflow.entities import Feedback
-    from mlflow.genai.scorers import scorer
-
-    by_trace = {r.trace_id: r for r in result.records if r.trace_id}
-    if not by_trace:
-        return 0
-    traces = [t for t in (mlflow.get_trace(tid) for tid in by_trace) if t is not None]
-    corpus = {n for n, c in result.columns.items() if c.corpus is not None}
-
-    def make(name: str) -> Any:
-        def fn(trace: Any) -> Feedback:
-            rec = by_trace[trace.info.trace_id]
-            v = rec.scores.get(name)
-            if v is None:
-                why = rec.judge_notes.get(name) or rec.error or "not scored"
-                return Feedback(name=name, error=why)
-            return Feedback(name=name, value=float(v), rationale=rec.error or None)
-
-        fn.__name__ = name
-        return scorer(fn, name=name)
-
-    scorers = [make(n) for n in loaded.suite.score_names if n not in corpus]
-    from tasks.core.quiet import redirect_output_to_log
-
-    with redirect_output_to_log():
-        mlflow.genai.evaluate(data=traces, scorers=scorers)
-    return len(traces)
+    rel = "tasks/evaluate/mlflow_logging.py"
+    try:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True,
+                              check=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--before-rev {rev}: git cannot show {rel} there ({exc.stderr.strip()}); "
+                         "fetch the full history or name a commit this clone has") from exc
+    path = Path(_HOME) / f"mlflow_logging_{rev[:12]}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"mlflow_logging_{rev[:12]}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -306,6 +243,7 @@ def main() -> int:
     ap.add_argument("--suite", default="demo_routing")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--arms", default="before,after", help="Comma-separated: before, after.")
+    ap.add_argument("--before-rev", default=BEFORE_REV, help="The commit whose mlflow_logging.py is the before arm.")
     ap.add_argument("--no-check", dest="check", action="store_false", help="Skip the read-back comparison.")
     ap.add_argument("--no-genai", dest="genai", action="store_false", help="Time log_traces only.")
     args = ap.parse_args()
@@ -323,8 +261,9 @@ def main() -> int:
     print(f"suite {args.suite}: {len(loaded.examples)} examples, scores {loaded.suite.score_names}")
     print(f"store {uri}, MLflow {mlflow.__version__}, {args.reps} reps", flush=True)
 
+    before = load_before(args.before_rev) if "before" in args.arms else mlflow_logging
     impls = {
-        "before": (before_log_traces, before_log_genai_assessments),
+        "before": (before.log_traces, before.log_genai_assessments),
         "after": (mlflow_logging.log_traces, mlflow_logging.log_genai_assessments),
     }
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

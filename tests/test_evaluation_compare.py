@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -279,9 +282,8 @@ import mlflow
 from tests.test_evaluation_compare import answers, make_run
 from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 from tasks.evaluate.mlflow_logging import log_genai_assessments, log_result, log_traces
-from tasks.evaluate.suite import load
+from tasks.evaluate.suite import LoadedSuite, load
 
-from tasks.evaluate.suite import LoadedSuite
 full = load(Path(sys.argv[2]))
 loaded = LoadedSuite(suite=full.suite, examples=full.examples[:120])
 res = make_run(loaded, answers(loaded, wrong=20))
@@ -304,10 +306,6 @@ def test_every_example_gets_a_trace_and_its_scores_past_the_export_queue(
 ) -> None:
     # MLflow's async trace export drops what overflows its queue: 120 examples against a queue of 60 tasks lost
     # spans and scores before log_traces drained it. Its own process, so the size takes effect.
-    import os
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
