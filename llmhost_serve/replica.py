@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.background import BackgroundTask
@@ -82,6 +83,53 @@ def _last_error(path: Path) -> str:
     return text
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid`, or a process under it (vLLM's API servers with --api-server-count), listens on `port`."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                return True
+    return False
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float) -> None:
+    """Returns once vLLM (`proc`) answers /health on `port` from a socket it listens on itself.
+
+    The port is drawn free before vLLM binds it, about 10 s later, so another process on the node (the vLLM of a
+    replica starting beside this one) can draw the same port meanwhile. The /health answer of that other server is
+    not this vLLM's: readiness also asks the kernel who listens on the port. This vLLM then fails to listen and
+    exits, and the error below names the reason, so Serve starts the replica again on a new port. (Once, under CI,
+    a replica taken as ready this way left both replicas proxying to one vLLM.)
+    Raises RuntimeError when vLLM exits, TimeoutError when it is not ready within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    foreign = ""
+    with httpx.Client(timeout=2.0) as client:
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                raise RuntimeError(f"vLLM exited with code {rc} during startup: {_last_error(log_path)}{foreign} "
+                                   f"(log on node: {log_path})")
+            try:
+                healthy = client.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            if healthy:
+                if _listens(proc.pid, port):
+                    return
+                foreign = f"; another process answered on its port {port}"
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM was not healthy within {timeout_s:.0f}s: {_last_error(log_path)}{foreign} "
+                                   f"(log on node: {log_path})")
+            time.sleep(0.5)
+
+
 @serve.deployment
 @serve.ingress(app)
 class VllmReplica:
@@ -108,23 +156,11 @@ class VllmReplica:
         if self.proc is None:
             raise RuntimeError(f"could not start vLLM: {self._spawn_error}")
         print(f"llmhost: vLLM pid {self.proc.pid} on 127.0.0.1:{self.port}, log {self.log_path}", flush=True)
-        deadline = time.monotonic() + startup_timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                rc = self.proc.poll()
-                if rc is not None:
-                    raise RuntimeError(f"vLLM exited with code {rc} during startup: {_last_error(self.log_path)} "
-                                       f"(log on node: {self.log_path})")
-                try:
-                    if client.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self._stop_child()
-                    raise RuntimeError(f"vLLM was not healthy within {startup_timeout_s:.0f}s: "
-                                       f"{_last_error(self.log_path)} (log on node: {self.log_path})")
-                time.sleep(0.5)
+        try:
+            _wait_ready(self.proc, self.port, self.log_path, startup_timeout_s)
+        except TimeoutError as exc:
+            self._stop_child()
+            raise RuntimeError(str(exc)) from None
         # One pooled client for every proxied request; vLLM keeps idle connections 75 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE
         # in the env), longer than httpx's 5 s pool expiry, so the client side always closes first.
         self.client: httpx.AsyncClient = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}",

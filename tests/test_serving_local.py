@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
 
 from tasks.core.errors import ReplicaStartError
+from tasks.core.procs import free_port
+from tasks.core.settings import get_settings
+from tasks.serving import local
 from tasks.serving.base import VllmArgs
 from tasks.serving.local import LocalTarget, error_summary, parse_startup_log
 
@@ -70,6 +76,55 @@ def test_stop_leaves_no_process_behind(demo_model_dir):
     with pytest.raises(ProcessLookupError):
         os.killpg(replica.pid, 0)
     assert target.status(replica) == "stopped"
+
+
+class _Anything(BaseHTTPRequestHandler):
+    """Another process's server: 200 to every GET, /health included."""
+
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def other_server() -> Iterator[ThreadingHTTPServer]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Anything)
+    _Anything.hits = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_a_port_taken_before_vllm_binds_it_is_not_taken_for_the_replica(demo_model_dir, other_server, monkeypatch):
+    """A free port is drawn seconds before vLLM binds it, so another process can take it meanwhile. Its /health
+    answer is not the replica's: the start waits for vLLM's own socket, and draws another port when vLLM fails
+    to bind. Here the first drawn port is the other server's, and the second try runs into vLLM's own refusal of
+    the arguments (a quick end, not a full start), which shows it got past the port."""
+    taken = other_server.server_address[1]
+    drawn = iter([taken])
+    monkeypatch.setattr(local, "free_port", lambda host: next(drawn, None) or free_port(host))
+    args = VllmArgs(model=str(demo_model_dir), served_model_name="port-race", dtype="float32",
+                    max_model_len=1_000_000, enforce_eager=True)
+    with pytest.raises(ReplicaStartError) as info:
+        LocalTarget().start(args, name="port-race")
+    assert "1000000" in info.value.log_tail and f"-{taken}-" not in str(info.value.log_path)
+    first = [p for p in get_settings().runs_dir.glob(f"port-race-{taken}-*.log")]
+    assert len(first) == 1 and "Address already in use" in first[0].read_text(errors="replace")
+    assert "/health" in _Anything.hits  # it answered 200 while vLLM was still importing, and was not believed
+    # A port the caller chose is not drawn again: the one-line error says why vLLM ended.
+    _Anything.hits.clear()
+    with pytest.raises(ReplicaStartError, match="Address already in use"):
+        LocalTarget().start(args.model_copy(update={"max_model_len": 256}), name="port-given", port=taken)
+    assert "/health" in _Anything.hits
 
 
 def test_parse_startup_log_reads_cpu_and_gpu_lines():

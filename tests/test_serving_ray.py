@@ -246,6 +246,51 @@ def test_serve_config_is_rendered_from_the_same_vllm_args(demo_version: str):
     assert "llmhost_serve/replica.py" in zipfile.ZipFile(io.BytesIO(data)).namelist()
 
 
+_PORT_RACE = r"""
+import subprocess, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from llmhost_serve.replica import _wait_ready
+
+class Other(BaseHTTPRequestHandler):  # another process's server on the port: 200 to everything, /health included
+    def do_GET(self):
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args):
+        pass
+
+srv = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+port, log = srv.server_address[1], Path(sys.argv[2])
+with log.open("wb") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", sys.argv[1],
+                             "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+try:
+    _wait_ready(proc, port, log, 300)
+    print("READY")
+except RuntimeError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.slow
+def test_a_serve_replica_takes_only_its_own_vllm_as_ready(demo_model_dir: Path, tmp_path: Path):
+    """Two replicas on one node can draw the same free port before either vLLM binds it. The replica waits for
+    /health from vLLM's own socket, so the other's answer does not make it ready: its vLLM fails to bind, the
+    replica's start fails with the reason, and Serve starts it again on a new port. Run in the serving env."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([str(get_settings().vllm_python), "-c", _PORT_RACE, str(demo_model_dir),
+                          str(tmp_path / "vllm.log")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("REFUSED vLLM exited with code 1 during startup: "
+                           "OSError: [Errno 98] Address already in use"), line
+    assert "another process answered on its port" in line
+
+
 # ---------------------------------------------------------------------------------------------- the cluster
 
 
@@ -275,8 +320,9 @@ def test_deploy_places_two_replicas_on_two_nodes_and_answers_through_the_gateway
     # What GPU placement reads: the cluster's own GPUs (make ray-up gives its nodes this machine's), not ours.
     assert cluster_gpus(target.nodes()) == len(host_gpus())
     NUMBERS["placement"] = sorted(r["node_id"][:8] for r in reps)
-    for r in reps:  # each replica runs its own vLLM server as a child process
+    for r in reps:  # each replica runs its own vLLM server as a child process, on a port of its own
         assert vllm_child(r["pid"]).is_running()
+    assert len({_vllm_port(r) for r in reps}) == 2
 
     # Through the gateway with the OpenAI SDK: model list, chat, stream, tools.
     assert "demo-ray" in [m.id for m in client.models.list()]
@@ -304,12 +350,16 @@ def test_deploy_places_two_replicas_on_two_nodes_and_answers_through_the_gateway
     assert sum(share.values()) == 16 and all(v > 0 for v in share.values()), share
 
 
+def _vllm_port(rep: dict[str, Any]) -> int:
+    cmd = vllm_child(rep["pid"]).cmdline()
+    return int(cmd[cmd.index("--port") + 1])
+
+
 def _served_by(rep: dict[str, Any]) -> int:
     """Requests a replica's vLLM finished, from its own /metrics (its loopback port, this machine)."""
     import httpx
 
-    cmd = vllm_child(rep["pid"]).cmdline()
-    text = httpx.get(f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}/metrics", timeout=5).text
+    text = httpx.get(f"http://127.0.0.1:{_vllm_port(rep)}/metrics", timeout=5).text
     return int(sum(float(ln.rsplit(" ", 1)[-1]) for ln in text.splitlines()
                    if ln.startswith("vllm:request_success_total")))
 

@@ -8,6 +8,8 @@ import signal
 import socket
 import time
 
+import psutil
+
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -25,10 +27,30 @@ def pid_alive(pid: int) -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now; the small race with other binders is acceptable for loopback."""
+    """A port the OS says is free now. Another process can draw it too before the caller's server binds it: a
+    server's start checks `listens` before it trusts an answer on the port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid`, or a process under it, listens on TCP `port`.
+
+    A server started on a port from `free_port` binds it seconds later (vLLM: after its imports), so another
+    process can draw the same port meanwhile: an answer on the port proves nothing until the kernel says whose
+    socket it is."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                return True
+    return False
 
 
 def group_alive(pgid: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -17,9 +18,11 @@ from pathlib import Path
 import httpx
 
 from tasks.core.errors import ReplicaStartError, ServingError
-from tasks.core.procs import free_port, group_alive, pid_alive
+from tasks.core.procs import free_port, group_alive, listens, pid_alive
 from tasks.core.settings import get_settings
 from tasks.serving.base import Replica, ReplicaState, VllmArgs
+
+log = logging.getLogger("llmhost.serving")
 
 _KV_RE = re.compile(r"(?:CPU|GPU) KV cache size:\s*([\d,]+)\s*tokens")
 _CONC_RE = re.compile(r"Maximum concurrency for\s*([\d,]+)\s*tokens per request:\s*([\d.]+)x")
@@ -128,7 +131,20 @@ class LocalTarget:
                 "serving venv, or point LLMHOST_VLLM_PYTHON at a Python that has vLLM installed."
             )
         self.settings.ensure_dirs()
-        port = port or free_port(self.host)
+        if port is not None:
+            return self._start_on(port, args, name=name, env=env, timeout_s=timeout_s, gpus=gpus)
+        for attempt in (1, 2, 3):
+            try:
+                return self._start_on(free_port(self.host), args, name=name, env=env, timeout_s=timeout_s, gpus=gpus)
+            except ReplicaStartError as exc:  # the drawn port was taken before vLLM bound it: draw another
+                if attempt == 3 or "Address already in use" not in exc.log_tail:
+                    raise
+                log.warning("vLLM replica %r lost its port to another process before it bound it; starting it "
+                            "again on another port (log of the first try: %s)", name, exc.log_path)
+        raise AssertionError("unreachable")
+
+    def _start_on(self, port: int, args: VllmArgs, *, name: str, env: dict[str, str] | None,
+                  timeout_s: float | None, gpus: Sequence[int] | None) -> Replica:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         log_path = self.settings.runs_dir / f"{name}-{port}-{stamp}.log"
         cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", *args.to_cli(),
@@ -160,10 +176,13 @@ class LocalTarget:
                         f"vLLM replica {name!r} exited with code {rc} during startup: {error_summary(tail)} "
                         f"(full log: {log_path})", log_tail=tail, log_path=str(log_path))
                 try:
-                    if client.get(f"{replica.root_url}/health").status_code == 200:
-                        break
+                    healthy = client.get(f"{replica.root_url}/health").status_code == 200
                 except httpx.HTTPError:
-                    pass
+                    healthy = False
+                # Only from vLLM's own socket: another process may have drawn the same free port before vLLM bound
+                # it (vLLM then fails to listen and exits, reported above with its "Address already in use").
+                if healthy and listens(proc.pid, port):
+                    break
                 if time.monotonic() > deadline:
                     self.stop(replica)
                     tail = _tail(log_path, 40)

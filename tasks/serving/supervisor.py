@@ -31,10 +31,12 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from tasks import store  # imported up front: the crash path should not wait for SQLAlchemy to load
+from tasks.core.procs import listens
 from tasks.core.settings import get_settings
 from tasks.serving.local import _tail, error_summary
 
@@ -110,10 +112,13 @@ class Supervisor:
         self.ever_up = True
 
     def _healthy(self, client: httpx.Client) -> bool:
+        """/health answers 200 from the child's own socket (not another process's that drew the same port)."""
         try:
-            return client.get(self.health_url).status_code == 200
+            ok = client.get(self.health_url).status_code == 200
         except httpx.HTTPError:
             return False
+        port = urlsplit(self.health_url).port
+        return ok and (port is None or (self.child is not None and listens(self.child.pid, port)))
 
     def _watch(self, client: httpx.Client) -> tuple[int | None, bool]:
         """Waits for the child to exit or for a stop; (exit code or None on stop, whether /health answered)."""
