@@ -148,6 +148,24 @@ def build_in_background(steps: int, log_file: Path, *, demo_dir: Path | None = N
                                 cwd=PROJECT_ROOT, start_new_session=True)
 
 
+def background_failure(child: subprocess.Popen[bytes], log_file: Path, *, wait_s: float = 30.0) -> str | None:
+    """One line when the build `build_in_background` started has failed, else None (done well, or still running).
+
+    `build_standin` does not see the child: it waits on the build's lock and, finding no build behind it, trains
+    in its own process. This line says why that happened and where the child's traceback is."""
+    try:
+        rc = child.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return None
+    if rc == 0:
+        return None
+    from tasks.serving.local import error_summary
+
+    tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:]) if log_file.exists() else ""
+    return (f"frontier stand-in: the background build exited with code {rc} ({error_summary(tail)}), so the "
+            f"frontier step trained it in this process; the child's log: {log_file}")
+
+
 def write_catalog_entry(base_url: str, *, priced_as: str = PRICED_AS) -> Path:
     """`$LLMHOST_HOME/frontiers.d/demo-standin.yaml`: the stand-in at `base_url`, priced as `priced_as`."""
     from tasks.evaluate.targets import load_frontiers

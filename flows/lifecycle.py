@@ -10,7 +10,7 @@ from typing import ParamSpec, TypeVar
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from demo.standin import DEFAULT_STEPS, build_in_background
+from demo.standin import DEFAULT_STEPS, background_failure, build_in_background
 from flows import lifecycle_support as support
 from flows.demo_source import resolve_source
 from flows.gateway import ensure_gateway, gateway_url
@@ -120,7 +120,11 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         ft = timed("fine-tune", finetune_cached, ft_cfg, quiet=True)
         support.attach_runs(parent, [ft.run_id])
         if building is not None:
-            frontier_branch()  # serve_standin waits on the build's lock, then reuses what the child built
+            try:
+                frontier_branch()  # serve_standin waits on the build's lock, then reuses what the child built
+            finally:
+                if failed := background_failure(building, standin_log):
+                    quiet.say(failed, also=log.warning)
         summary.candidate = ft.registered_version
         mark_challenger(model, str(ft.registered_version), actor="lifecycle")  # under test from here on
         adapter = f"v{ft.registered_version}"

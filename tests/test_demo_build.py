@@ -53,7 +53,7 @@ def test_the_standin_trains_in_a_child_and_a_build_call_waits_for_it_and_reuses_
     import shutil
     import time
 
-    from demo.standin import build_in_background, build_standin
+    from demo.standin import background_failure, build_in_background, build_standin
 
     demo_dir = tmp_path / "demo"
     shutil.copytree(demo_build.model_dir, demo_dir / "model")
@@ -73,4 +73,25 @@ def test_the_standin_trains_in_a_child_and_a_build_call_waits_for_it_and_reuses_
         if child.poll() is None:
             child.kill()
     assert reused.skipped and (reused.adapter_dir / "adapter_config.json").exists(), reused
+    assert background_failure(child, log) is None
     assert build_in_background(3, log, demo_dir=demo_dir) is None  # built: nothing to start
+
+
+def test_a_failed_background_build_is_reported_with_its_reason_and_log(demo_build, tmp_path):
+    """The frontier step's `build_standin` cannot tell a child that finished from one that died: it takes the lock
+    and trains. The lifecycle then says that the child failed, why, and where its log is."""
+    import shutil
+
+    from demo.standin import background_failure, build_in_background
+
+    demo_dir = tmp_path / "demo"
+    shutil.copytree(demo_build.model_dir, demo_dir / "model")
+    shutil.copytree(demo_build.data_dir, demo_dir / "data")
+    (demo_dir / ".standin.lock").mkdir()  # the child cannot open its lock file: it fails before training
+    log = tmp_path / "standin-build.log"
+    child = build_in_background(3, log, demo_dir=demo_dir)
+    assert child is not None
+    line = background_failure(child, log, wait_s=120)
+    assert line is not None and child.returncode == 1, log.read_text()[-2000:]
+    assert line.startswith("frontier stand-in: the background build exited with code 1 (IsADirectoryError: "), line
+    assert line.endswith(f"the child's log: {log}")
