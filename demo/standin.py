@@ -36,7 +36,7 @@ CATALOG_NAME = "demo-standin"
 SERVED_NAME = "frontier-standin"
 PRICED_AS = "gpt-4o-mini"
 KEY_ENV = "LLMHOST_STANDIN_KEY"  # optional: the local vLLM takes any key
-DEFAULT_STEPS = 1200  # the lifecycle's fine-tune runs 1,000 steps on half as many tool rows
+DEFAULT_STEPS = 1200  # as many as the lifecycle's fine-tune, on twice its tool rows and on its held-out 5% too
 TOOLS_REPEAT = 4  # the lifecycle's fine-tune repeats them twice
 RECIPE_VERSION = "1"  # bump when the training changes in a way the config does not show
 

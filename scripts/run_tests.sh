@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the suite as two pytest processes side by side on this machine's cores.
 #
-# The lifecycle group (marker `lifecycle`: the session's demo lifecycle run, with its 1,000-step fine-tune on one
+# The lifecycle group (marker `lifecycle`: the session's demo lifecycle run, with its 1,200-step fine-tune on one
 # core, and the tests that read it) runs in the background at a lower CPU priority; every other test runs in the
 # foreground at normal priority. The fine-tune leaves the second core idle and the other tests leave gaps on both,
 # so the background soaks up what the foreground does not use, while the foreground's load and timing tests keep

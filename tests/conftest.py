@@ -216,7 +216,7 @@ class LifecycleRun:
 
 @pytest.fixture(scope="session")
 def lifecycle_run(demo_model_dir: Path, lifecycle_gateway_port: int) -> LifecycleRun:
-    """The demo lifecycle, run once per session and read by several modules (its fine-tune is the demo's 1,000 steps).
+    """The demo lifecycle, run once per session and read by several modules (its fine-tune is the demo's 1,200 steps).
 
     The first run names a suite that does not exist, which is first needed after fine-tuning, so it fails there; the
     second run resumes from Prefect's cache (register and fine-tune are not redone) and goes on to promote or not.

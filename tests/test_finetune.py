@@ -363,7 +363,7 @@ def test_endpoint_load_through_the_gateway_as_endpoint_colon_adapter(lora_server
 def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
     """The demo config end to end: base vs tuned on the held-out splits, scored by the evaluation runner.
 
-    The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,000 steps) on the demo base, trained
+    The tuned model is the session lifecycle's candidate: demo/finetune.yaml (1,200 steps) on the demo base, trained
     once for the suite instead of once per test. Both are scored on the lifecycle endpoint's replica (LoRA and the
     hermes parser on, as deployments/demo.yaml asks): its base weights against the candidate hot-loaded beside them.
     """
@@ -395,7 +395,9 @@ def test_demo_finetune_improves_held_out_routing_and_tool_calls(lifecycle_run):
             result = run_suite(loaded, f"url:{replica.base_url}#{model}", progress=False, concurrency=4)
             scores[(suite, model)] = result.mean(metric) if hasattr(result, "mean") else _mean(result, metric)
     print(f"\ndemo fine-tune {ref} (lifecycle candidate); scores {scores}")
-    assert scores[("demo_routing", change.adapter)] >= scores[("demo_routing", base)] + 0.3
+    # The demo's promise (issue 18): the base scores about 0 on the held-out routing task, the tuned model >= 0.80.
+    # (At 1,000 steps this machine's tuned model scored 0.59, which the earlier bar of base + 0.3 let through.)
+    assert scores[("demo_routing", base)] <= 0.10 and scores[("demo_routing", change.adapter)] >= 0.80, scores
     # Measured: routing 0.00 -> 0.95, tool calls 0.00 -> 0.62 on the held-out phrasings.
     assert scores[("demo_tools", change.adapter)] >= scores[("demo_tools", base)] + 0.3
 

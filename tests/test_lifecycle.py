@@ -235,7 +235,7 @@ def test_triggers_from_prefect_yaml_on_a_real_server(tmp_path, gateway_port):
         assert {"lifecycle", "nightly-eval", "retrain-on-new-data"} <= set(by_name)
         assert by_name["nightly-eval"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         # As an operator would tune a deployment's defaults: a short retrain. This test is about the trigger and the
-        # worker; the demo's full 1,000-step fine-tune is trained (and its gain asserted) once, by the session's
+        # worker; the demo's full 1,200-step fine-tune is trained (and its gain asserted) once, by the session's
         # lifecycle run (conftest.lifecycle_run).
         retrain_id = by_name["retrain-on-new-data"]["id"]
         deadline = time.monotonic() + 60
