@@ -131,7 +131,7 @@ class LocalTarget:
                 "serving venv, or point LLMHOST_VLLM_PYTHON at a Python that has vLLM installed."
             )
         self.settings.ensure_dirs()
-        if port is not None:
+        if port:  # the caller's port (0 or None: draw one)
             return self._start_on(port, args, name=name, env=env, timeout_s=timeout_s, gpus=gpus)
         for attempt in (1, 2, 3):
             try:
