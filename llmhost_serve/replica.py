@@ -17,7 +17,6 @@ import ctypes
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
+
+from llmhost_serve.ports import free_port, listens
 
 # Headers that describe one HTTP hop, not the message: never forwarded (RFC 9110 section 7.6.1).
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -41,12 +41,6 @@ _ERR_RE = re.compile(r"(\w*(?:Error|Exception)\b:.*)")
 _PR_SET_PDEATHSIG = 1
 
 app = FastAPI()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:
@@ -83,21 +77,6 @@ def _last_error(path: Path) -> str:
     return text
 
 
-def _listens(pid: int, port: int) -> bool:
-    """Whether process `pid`, or a process under it (vLLM's API servers with --api-server-count), listens on `port`."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in p.net_connections(kind="tcp")):
-                return True
-    return False
-
-
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float) -> None:
     """Returns once vLLM (`proc`) answers /health on `port` from a socket it listens on itself.
 
@@ -121,7 +100,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path, timeou
             except httpx.HTTPError:
                 healthy = False
             if healthy:
-                if _listens(proc.pid, port):
+                if listens(proc.pid, port):
                     return
                 foreign = f"; another process answered on its port {port}"
             if time.monotonic() > deadline:
@@ -136,7 +115,7 @@ class VllmReplica:
     """One Serve replica = one vLLM server on a free loopback port of the node Ray placed it on."""
 
     def __init__(self, cli_args: list[str], env: dict[str, str], startup_timeout_s: float = 600.0):
-        self.port = _free_port()
+        self.port = free_port()
         ctx = serve.get_replica_context()
         tag = re.sub(r"[^A-Za-z0-9._-]", "_", f"{ctx.app_name}-{ctx.replica_id.unique_id}")
         self.log_path = _log_dir() / f"llmhost-vllm-{tag}.log"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import time
 
-import psutil
+# One copy for both environments: the Ray replica (llmhost_serve, shipped alone to the cluster) needs them too.
+from llmhost_serve.ports import free_port as free_port
+from llmhost_serve.ports import listens as listens
 
 
 def pid_alive(pid: int) -> bool:
@@ -24,33 +25,6 @@ def pid_alive(pid: int) -> bool:
         return done == 0
     except ChildProcessError:
         return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now. Another process can draw it too before the caller's server binds it: a
-    server's start checks `listens` before it trusts an answer on the port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def listens(pid: int, port: int) -> bool:
-    """Whether process `pid`, or a process under it, listens on TCP `port`.
-
-    A server started on a port from `free_port` binds it seconds later (vLLM: after its imports), so another
-    process can draw the same port meanwhile: an answer on the port proves nothing until the kernel says whose
-    socket it is."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in p.net_connections(kind="tcp")):
-                return True
-    return False
 
 
 def group_alive(pgid: int) -> bool:

@@ -96,6 +96,7 @@ class Supervisor:
                  record: Callable[[str, str, dict[str, Any]], None], grace_s: float = 10.0,
                  startup_timeout_s: float = 600.0) -> None:
         self.cmd, self.health_url, self.log_path = list(cmd), health_url, log_path
+        self.port = urlsplit(health_url).port  # whose socket answers on it: see _healthy
         self.policy, self.record, self.grace_s = policy, record, grace_s
         self.startup_timeout_s = startup_timeout_s
         self.stopping = threading.Event()
@@ -117,8 +118,7 @@ class Supervisor:
             ok = client.get(self.health_url).status_code == 200
         except httpx.HTTPError:
             return False
-        port = urlsplit(self.health_url).port
-        return ok and (port is None or (self.child is not None and listens(self.child.pid, port)))
+        return ok and (self.port is None or (self.child is not None and listens(self.child.pid, self.port)))
 
     def _watch(self, client: httpx.Client) -> tuple[int | None, bool]:
         """Waits for the child to exit or for a stop; (exit code or None on stop, whether /health answered)."""
