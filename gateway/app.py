@@ -6,6 +6,7 @@ and validating them would cost time on every request and duplicate vLLM's own ch
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,13 +30,16 @@ log = logging.getLogger("llmhost.gateway")
 
 def create_app(store_url: str | None = None, settings: Settings | None = None, *,
                flush_interval_s: float = 0.5,
-               usage_journal: Literal["write", "fdatasync", "off"] | None = None) -> GatewayApp:
+               usage_journal: Literal["write", "fdatasync", "off"] | None = None,
+               freeze_gc: bool = False) -> GatewayApp:
     """The gateway app over the store at `store_url` (default: settings.store).
 
     `usage_journal` (see gateway.metering.Meter): "write" survives a killed gateway, "fdatasync" a power cut
     too, at one disk sync per group of requests; "off" is the old batched metering, which loses up to
     `flush_interval_s` of usage in a crash (kept so that benchmarks/usage_durability.py can compare).
-    Default: the `LLMHOST_USAGE_JOURNAL` setting.
+    Default: the `LLMHOST_USAGE_JOURNAL` setting. `freeze_gc`: the app owns its process (`llmhost gateway`), so
+    what exists once it has started is moved out of the garbage collector's sight (below); not in a process that
+    builds many apps, such as the tests, where that would keep each one's cycles alive.
     """
     settings = settings or get_settings()
     gw = Gateway(get_engine(store_url or settings.store), settings, flush_interval_s=flush_interval_s,
@@ -46,6 +50,11 @@ def create_app(store_url: str | None = None, settings: Settings | None = None, *
         await gw.meter.recover()  # usage a killed gateway journaled but had not stored yet
         await gw.start()
         log.info("gateway ready: %d endpoints", len(gw.routes))
+        if freeze_gc:
+            # What exists now (modules, the app, SQLAlchemy's and pydantic's caches) lives as long as the process:
+            # frozen, it is no longer walked by each full collection, which otherwise runs on the request path.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
@@ -139,7 +148,7 @@ def _log_to_console(log_level: str) -> None:
 def worker_app() -> GatewayApp:
     """The app of one of several gateway worker processes (uvicorn imports this factory in each)."""
     _log_to_console(logging.getLevelName(logging.getLogger("uvicorn.error").getEffectiveLevel()))
-    return create_app()
+    return create_app(freeze_gc=True)
 
 
 def serve(host: str | None = None, port: int | None = None, *, access_log: bool = False,
@@ -162,4 +171,4 @@ def serve(host: str | None = None, port: int | None = None, *, access_log: bool 
         uvicorn.run("gateway.app:worker_app", factory=True, workers=workers, **common)
         return
     _log_to_console(log_level)
-    uvicorn.run(create_app(settings=settings), **common)
+    uvicorn.run(create_app(settings=settings, freeze_gc=True), **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import socket
@@ -15,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from testing_utils import files_holding
-from threaded_gateway import ThreadedGateway, wait_for
+from threaded_gateway import ThreadedApp, ThreadedGateway, wait_for
 
 from tasks import store
 from tasks.serving.local import free_port
@@ -440,3 +441,24 @@ def test_raw_keys_never_reach_the_store_logs_or_audit(gateway: ThreadedGateway, 
         assert secret.encode() not in logs, "raw key secret found in the logs"
         assert secret not in audit_text
         assert store.split_key(raw)[0] in audit_text  # the public prefix is there, so the search was real
+
+
+def test_a_gateway_that_owns_its_process_freezes_what_startup_made_and_one_in_a_shared_process_does_not() -> None:
+    """`llmhost gateway` moves its startup objects out of the collector's sight (gc.freeze); the tests' gateways,
+    many in one process, leave the collector alone."""
+    from gateway.app import create_app
+
+    gc.unfreeze()
+    shared = ThreadedApp(create_app(), what="gateway")
+    try:
+        assert httpx.get(f"http://127.0.0.1:{shared.port}/health").status_code == 200
+        assert gc.get_freeze_count() == 0
+    finally:
+        shared.close()
+    owner = ThreadedApp(create_app(freeze_gc=True), what="gateway")
+    try:
+        assert httpx.get(f"http://127.0.0.1:{owner.port}/health").status_code == 200
+        assert gc.get_freeze_count() > 10_000  # the modules, the app and its caches
+    finally:
+        owner.close()
+        gc.unfreeze()
