@@ -36,6 +36,10 @@ from tasks.serving.local import free_port
 from tasks.serving.ray import RaySettings, RayTarget, code_package, deploy_config
 from tasks.serving.ray_cluster import LocalRayCluster, host_gpus
 
+# Its own Ray cluster, gateway and vLLM replicas, nothing of the session's servers: `make test` runs it in the
+# background process, after the lifecycle group (scripts/run_tests.sh).
+pytestmark = pytest.mark.background
+
 SPEC_PATH = PROJECT_ROOT / "deployments" / "demo-ray.yaml"
 NUMBERS: dict[str, Any] = {}
 
