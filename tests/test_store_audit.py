@@ -125,6 +125,35 @@ def test_endpoints_revisions_replicas_and_grants(engine: Engine):
     assert r1.content_hash[:12] in route_entry.before and r2.content_hash[:12] in route_entry.after
 
 
+def test_routes_read_while_the_epoch_moves_are_read_again_and_a_store_that_never_settles_raises(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    """A writer commits between the read of the routes and the check of the epoch: the routes are read again;
+    one that commits during every read gives a typed error after ROUTES_READ_TRIES reads, not an endless loop."""
+    from tasks.store import routes as routes_mod
+    from tasks.store.schema import bump_epoch, session_scope
+
+    store.upsert_endpoint("churn", owner="admin", actor="admin", engine=engine)
+    real_epoch = routes_mod.routes_epoch
+    writes = {"left": 1}
+
+    def a_writer_commits_first(engine: Engine | None = None) -> int:
+        if writes["left"]:
+            writes["left"] -= 1
+            with session_scope(engine) as s:  # another process's change, committed in its own transaction
+                bump_epoch(s)
+        return real_epoch(engine)
+
+    monkeypatch.setattr(routes_mod, "routes_epoch", a_writer_commits_first)
+    before = real_epoch(engine)
+    epoch, routes = store.load_routes(engine=engine)
+    assert epoch == before + 1 == real_epoch(engine) and "churn" in routes  # read again, as of the new epoch
+
+    writes["left"] = 10**6
+    with pytest.raises(routes_mod.RoutesUnsettledError, match="moved during each of 20 reads"):
+        store.load_routes(engine=engine)
+    assert 10**6 - writes["left"] == routes_mod.ROUTES_READ_TRIES
+
+
 def test_a_health_probe_never_overwrites_a_stopped_replica(engine: Engine):
     """The gateway's probe that was in flight when `endpoints stop` ran must not turn 'stopped' back into 'down'."""
     from tasks.store.routes import record_replica_health

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Engine, select, update
 
-from tasks.core.errors import ConfigError
+from tasks.core.errors import ConfigError, GatewayError, TransientError
 from tasks.store.audit import entries as audit_entries
 from tasks.store.endpoints import (
     EndpointView,
@@ -85,12 +85,27 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
     SQLite's driver runs each SELECT on its own, so a switch committed between the read of an endpoint's live
     revision and the read of its replicas could pair the old revision with its just-stopped rows: a route with no
     replica, and 503s until the next reload. Every change bumps the epoch in its own transaction, so the epoch is
-    read again at the end and the read repeated when it moved.
+    read again at the end and the read repeated when it moved, up to `ROUTES_READ_TRIES` times: a store whose
+    epoch moves during every read (a writer bumping it in a loop) raises `RoutesUnsettledError` rather than
+    holding the caller, often the gateway's event loop, in the loop.
     """
-    while True:
+    moved = []
+    for _ in range(ROUTES_READ_TRIES):
         epoch, routes = _read_routes(engine)
-        if routes_epoch(engine) == epoch:
+        now = routes_epoch(engine)
+        if now == epoch:
             return epoch, routes
+        moved.append(f"{epoch}->{now}")
+    raise RoutesUnsettledError(
+        f"the routes epoch moved during each of {ROUTES_READ_TRIES} reads of the routes ({', '.join(moved[-3:])}, "
+        f"...): a writer bumps it continuously (a deploy or health records in a loop); retry once it settles")
+
+
+ROUTES_READ_TRIES = 20
+
+
+class RoutesUnsettledError(GatewayError, TransientError):
+    """The routes could not be read as of one epoch: they changed during every read."""
 
 
 def _read_routes(engine: Engine | None) -> tuple[int, dict[str, EndpointRoute]]:
