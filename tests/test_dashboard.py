@@ -660,3 +660,23 @@ def test_usage_buckets_in_sql_match_the_rows():
     assert u24.requests == 3 and [u24.series["requests"][i] for i in (-1, -2, -4)] == [1, 1, 1]
     u7 = data.usage(engine, "dash-bucket", "7d", now)
     assert u7.requests == 4 and sum(u7.series["requests"]) == 4 and u7.status_codes == {200: 3, 500: 1}
+
+
+def test_a_replica_whose_listener_is_not_found_is_looked_for_again_only_after_the_miss_ttl() -> None:
+    """The search for an attached replica's pid walks every process's sockets; a miss is remembered for
+    `miss_ttl_s` rather than searched again at every 15 s sample, and a listener that appears later is found."""
+    import socket
+    import time
+
+    from gateway.dashboard.sampler import HardwareProbe
+    from tasks.serving.local import free_port
+
+    port = free_port()
+    probe = HardwareProbe(miss_ttl_s=1.0)
+    url = f"http://127.0.0.1:{port}/v1"
+    assert probe.pid_of(7, None, url) is None  # nothing listens: a miss
+    with socket.create_server(("127.0.0.1", port)):
+        assert probe.pid_of(7, None, url) is None  # within the TTL: not searched again
+        time.sleep(1.1)
+        assert probe.pid_of(7, None, url) == os.getpid()  # after it: searched, and this process found
+        assert probe.pid_of(7, None, url) == os.getpid()  # then cached

@@ -89,6 +89,11 @@ class HardwareProbe:
 
     _prev: dict[int, _CpuState] = field(default_factory=dict)
     _pids: dict[int, int] = field(default_factory=dict)
+    # Replica id -> when a search for its listener last found nothing. The search walks every process's sockets
+    # (psutil.net_connections), so a listener this host cannot see (another network namespace, a container, no
+    # permission) is looked for again only after `miss_ttl_s`, not on every sample.
+    _misses: dict[int, float] = field(default_factory=dict)
+    miss_ttl_s: float = 300.0
 
     def pid_of(self, replica_id: int, pid: int | None, base_url: str) -> int | None:
         import psutil
@@ -100,9 +105,15 @@ class HardwareProbe:
             return cached
         parts = urlsplit(base_url)
         if parts.hostname in _LOOPBACK and parts.port:
+            missed = self._misses.get(replica_id)
+            if missed is not None and time.monotonic() - missed < self.miss_ttl_s:
+                return None
             found = find_listening_pid(parts.port)
             if found:
                 self._pids[replica_id] = found
+                self._misses.pop(replica_id, None)
+            else:
+                self._misses[replica_id] = time.monotonic()
             return found
         return None
 
