@@ -89,6 +89,20 @@ def load_arm(base_url: str, model: str, requests: list[list[dict[str, str]]], pa
     return {"rps": round(rps, 3), "tok_s": round(tokens * rps / len(requests), 1)}
 
 
+def without_bind(cli: list[str]) -> list[str]:
+    """A vLLM command line without its --host and --port options (`--port P` or `--port=P`), wherever they are."""
+    out: list[str] = []
+    skip = False
+    for a in cli:
+        if skip:
+            skip = False
+        elif a in ("--host", "--port"):
+            skip = True
+        elif not a.startswith(("--host=", "--port=")):
+            out.append(a)
+    return out
+
+
 def merged_vs_adapter(endpoint: str, ref: str, live_args: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Merge the adapter the endpoint serves, start a replica on the merged weights, and load both in turn."""
     from demo.data import ROUTING_SYSTEM_PROMPT, routing_rows
@@ -104,9 +118,10 @@ def merged_vs_adapter(endpoint: str, ref: str, live_args: list[str], args: argpa
     assert rev is not None and rev.model_version == ref.removeprefix("models:/"), rev
     row = next(r for r in store.list_replicas(endpoint) if r.state == "up")
     planned = plan_revision(pinned_spec(rev))
-    if planned.vllm.to_cli() != live_args[:-4]:  # the live replica's command line ends in --host H --port P
+    served_args = without_bind(live_args)  # the target adds --host H --port P when it starts the replica
+    if planned.vllm.to_cli() != served_args:
         raise SystemExit(f"re-planned args of revision {rev.content_hash[:12]} differ from the running replica's:\n"
-                         f"  {planned.vllm.to_cli()}\n  {live_args[:-4]}")
+                         f"  {planned.vllm.to_cli()}\n  {served_args}")
     t0 = time.monotonic()
     merged = merge_adapter_version(ref)
     merge_s = round(time.monotonic() - t0, 1)
