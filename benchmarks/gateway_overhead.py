@@ -10,8 +10,11 @@ and streamed requests it measures, per arm and run: requests/s at saturation (wr
 process's CPU ms per request (psutil), and p50/p95 latency at a fixed rate below saturation (an aiohttp client
 sending on a clock), from which the added latency over direct follows, with the CPU ms per request again at that
 rate (an event loop that wakes for one request at a time amortizes less than one under saturation; this is the
-figure to set beside the vLLM arm's, where the gateway sees about 100 requests/s). Arms alternate within each run; the
-ratios are printed with their min/max over the runs.
+figure to set beside the vLLM arm's, where the gateway sees about 100 requests/s), and requests/s from the official
+openai SDK at the same concurrency (--sdk-requests per arm, the method of issue 18's table: an application's client,
+which is then the bottleneck, so the ratio says what putting the gateway in its path costs it, while wrk's says what
+the gateway can carry at most). Arms alternate within each run; the ratios are printed with their min/max over the
+runs.
 
 Prints the throughput ratio (gateway / direct) and the added p50 / p95 latency. Arms alternate in short rounds,
 the first arm alternating too (direct, gateway, gateway, direct, ...), so that drift in the machine's load hits
@@ -236,6 +239,50 @@ async def fixed_rate(t: Target, stream: bool, rate: float, n: int) -> list[float
     return sorted(lat)
 
 
+async def sdk_load(t: Target, stream: bool, n: int, concurrency: int) -> dict[str, float]:
+    """`n` requests through the official openai SDK (AsyncOpenAI) from `concurrency` tasks, as an application
+    calls an endpoint: requests/s, and the CPU ms per request of the arm's process and of this client."""
+    import openai
+    from openai.types.chat import ChatCompletionMessageParam
+
+    me = psutil.Process()
+    base = t.url.removesuffix("/chat/completions")
+    msgs: list[ChatCompletionMessageParam] = [{"role": "user", "content": "where is my parcel ?"}]
+    left = n
+    errors = 0
+    async with openai.AsyncOpenAI(base_url=base, api_key=t.key, max_retries=0, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal left, errors
+            while left > 0:
+                left -= 1
+                try:
+                    if stream:
+                        chunks = await client.chat.completions.create(
+                            model=t.model, messages=msgs, max_tokens=16, stream=True,
+                            stream_options={"include_usage": True})
+                        async for _ in chunks:
+                            pass
+                    else:
+                        await client.chat.completions.create(model=t.model, messages=msgs, max_tokens=16)
+                except openai.APIError as exc:
+                    errors += 1
+                    if errors == 1:
+                        print(f"  {t.name} (sdk): {exc}", file=sys.stderr)
+
+        await worker()  # one request first: the connection and the key's verification are not timed
+        left = n
+        cpu0, mine0 = (tree_cpu(t.proc) if t.proc else 0.0), tree_cpu(me)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        secs = time.perf_counter() - t0
+    cpu = (tree_cpu(t.proc) - cpu0) if t.proc else float("nan")
+    if errors:
+        print(f"  {t.name} (sdk): {errors} failed requests", file=sys.stderr)
+    return {"sdk_rps": (n - errors) / secs, "sdk_cpu_ms": cpu * 1000.0 / n,
+            "sdk_client_cpu_ms": (tree_cpu(me) - mine0) * 1000.0 / n}
+
+
 def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
@@ -284,6 +331,8 @@ def instant_main(args: argparse.Namespace, home: Path) -> int:
             order = targets[run % len(targets):] + targets[:run % len(targets)]
             for stream in (False, True):
                 sat = {t.name: saturate(t, stream, args.seconds, args.concurrency, home) for t in order}
+                for t in order:  # the issue's own method: an SDK client, concurrency 16, n requests per arm
+                    sat[t.name].update(asyncio.run(sdk_load(t, stream, args.sdk_requests, args.concurrency)))
                 if stream not in rates:  # fixed once, from the first run: half the slowest arm's saturation
                     rates[stream] = args.rate or round(0.5 * min(s["rps"] for s in sat.values()))
                 n = max(100, int(rates[stream] * args.latency_seconds))
@@ -310,14 +359,15 @@ def report(results: list[dict[str, object]], arms: list[str], args: argparse.Nam
     print(f"# instant upstream, {args.runs} runs, concurrency {args.concurrency} for {args.seconds}s (wrk), "
           f"latency at a fixed rate for {args.latency_seconds:g}s, {os.cpu_count()} cores shared by all")
     print(f"{'run':>3} {'mode':6} {'arm':8} {'req/s':>8} {'cpu ms/req':>10} {'rate':>5} {'cpu@rate':>8} "
-          f"{'p50 ms':>7} {'p95 ms':>7} {'+p50':>6} {'+p95':>6}")
+          f"{'p50 ms':>7} {'p95 ms':>7} {'+p50':>6} {'+p95':>6} {'sdk req/s':>9}")
     by = {(r["run"], r["mode"], r["arm"]): r for r in results}
     for r in results:
         d = by[(r["run"], r["mode"], "direct")]
         add50, add95 = float(r["p50"]) - float(d["p50"]), float(r["p95"]) - float(d["p95"])  # type: ignore[arg-type]
         cpu = "" if r["arm"] == "direct" else f"{r['cpu_ms']:.3f}"
         print(f"{r['run']:>3} {r['mode']:6} {r['arm']:8} {r['rps']:8.0f} {cpu:>10} {r['rate']:>5} "
-              f"{r['cpu_ms_at_rate']:8.3f} {r['p50']:7.2f} {r['p95']:7.2f} {add50:+6.2f} {add95:+6.2f}")
+              f"{r['cpu_ms_at_rate']:8.3f} {r['p50']:7.2f} {r['p95']:7.2f} {add50:+6.2f} {add95:+6.2f} "
+              f"{r['sdk_rps']:9.0f}")
 
     def span(mode: str, f: object) -> str:
         xs = [f(run) for run in range(1, args.runs + 1)]  # type: ignore[operator]
@@ -329,6 +379,12 @@ def report(results: list[dict[str, object]], arms: list[str], args: argparse.Nam
 
         print(f"## {mode}")
         print(f"  llmhost/direct  req/s: {span(mode, lambda r: g(r, 'llmhost', 'rps') / g(r, 'direct', 'rps'))}")
+        print(f"  openai SDK client ({args.sdk_requests} requests, concurrency {args.concurrency}): "
+              f"llmhost/direct req/s {span(mode, lambda r: g(r, 'llmhost', 'sdk_rps') / g(r, 'direct', 'sdk_rps'))}")
+        for arm in arms:
+            print(f"    {arm} req/s {span(mode, lambda r, a=arm: g(r, a, 'sdk_rps'))}; its process's cpu ms/req "
+                  f"{span(mode, lambda r, a=arm: g(r, a, 'sdk_cpu_ms'))}; the client's "
+                  f"{span(mode, lambda r, a=arm: g(r, a, 'sdk_client_cpu_ms'))}")
         for other in ("litellm", "baseline"):
             if other in arms:
                 print(f"  llmhost/{other} req/s: "
@@ -353,6 +409,8 @@ def main() -> int:
                     "arm alternating (direct, gateway, gateway, direct, ...).")
     ap.add_argument("--runs", type=int, default=3, help="--instant: runs, each with every arm and mode.")
     ap.add_argument("--seconds", type=int, default=5, help="--instant: saturation load per arm and mode.")
+    ap.add_argument("--sdk-requests", type=int, default=1500, help="--instant: requests per arm, mode and run "
+                    "through the openai SDK (the issue's method: an application's client, not wrk).")
     ap.add_argument("--rate", type=float, help="--instant: fixed rate for latency (default: half the slowest "
                     "arm's saturation in run 1).")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="--instant: seconds at the fixed rate "
