@@ -270,8 +270,9 @@ async def sdk_load(t: Target, stream: bool, n: int, concurrency: int) -> dict[st
                     if errors == 1:
                         print(f"  {t.name} (sdk): {exc}", file=sys.stderr)
 
+        left = 1
         await worker()  # one request first: the connection and the key's verification are not timed
-        left = n
+        left, errors = n, 0
         cpu0, mine0 = (tree_cpu(t.proc) if t.proc else 0.0), tree_cpu(me)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -463,18 +464,15 @@ def main() -> int:
                              warm))
         asyncio.run(run_load(via_url, key.raw, "bench", 32, args.concurrency, args.max_tokens, warm))
         gw_cpu = 0.0
+        legs = [(direct, direct_url, "unused", args.served_model), (via, via_url, key.raw, "bench")]
         for i in range(args.rounds):
             # ABBA: the arm that goes first alternates, so a drift in vLLM's speed over the run (its caches
             # filling, another process waking) hits both arms alike instead of always favouring the second.
-            for arm in ((direct, via) if i % 2 == 0 else (via, direct)):
-                if arm is direct:
-                    asyncio.run(run_load(direct_url, "unused", args.served_model, args.requests, args.concurrency,
-                                         args.max_tokens, direct))
-                    continue
+            for arm, url, api_key, model in (legs if i % 2 == 0 else legs[::-1]):
                 cpu0 = tree_cpu(gw_ps)
-                asyncio.run(run_load(via_url, key.raw, "bench", args.requests, args.concurrency,
-                                     args.max_tokens, via))
-                gw_cpu += tree_cpu(gw_ps) - cpu0
+                asyncio.run(run_load(url, api_key, model, args.requests, args.concurrency, args.max_tokens, arm))
+                if arm is via:
+                    gw_cpu += tree_cpu(gw_ps) - cpu0
         time.sleep(1.5)  # let the meter flush
         metered = sum(1 for u in store.list_usage(endpoint="bench") if u.status_code == 200)
     finally:

@@ -98,7 +98,7 @@ def load_routes(*, engine: Engine | None = None) -> tuple[int, dict[str, Endpoin
         moved.append(f"{epoch}->{now}")
     raise RoutesUnsettledError(
         f"the routes epoch moved during each of {ROUTES_READ_TRIES} reads of the routes ({', '.join(moved[-3:])}, "
-        f"...): a writer bumps it continuously (a deploy or health records in a loop); retry once it settles")
+        f"...): a writer bumps it continuously (deploys, grants or key changes in a loop); retry once it settles")
 
 
 ROUTES_READ_TRIES = 20
