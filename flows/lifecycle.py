@@ -30,6 +30,7 @@ from tasks.core.procs import kill_group
 from tasks.core.settings import get_settings
 from tasks.deploy import load_spec, sizing_request
 from tasks.evaluate.compare import Comparison
+from tasks.evaluate.recording import RecordMode, stop_background_records, wait_for_background_records
 from tasks.evaluate.report import verdict_line, verdict_lines
 from tasks.finetune import trainable_base
 from tasks.promote import decide, mark_challenger
@@ -87,7 +88,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         standin_steps = params.standin_steps or DEFAULT_STEPS
         ok = False
 
-        def frontier_branch() -> None:
+        def frontier_branch(record: RecordMode | None = None) -> None:
             """The champion against the frontier (or its stand-in): the question before any fine-tuning."""
             nonlocal frontier, ok
             if frontier is None and params.frontier_standin:
@@ -96,7 +97,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
             if ok and frontier:
                 front = timed("evaluate-frontier", compare_task, params.suite, champion_target, frontier,
                               limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
-                              artifact_key="lifecycle-eval")
+                              artifact_key="lifecycle-eval", record=record)
                 support.attach_runs(parent, list(front.run_ids.values()))
                 summary.frontier_verdict = verdict_line(front.comparison.verdict)
                 summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
@@ -110,7 +111,9 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         building = (build_in_background(standin_steps, standin_log)
                     if frontier is None and params.frontier_standin else None)
         if building is None:
-            frontier_branch()
+            # Its two side runs are recorded into MLflow by a child process on the core the fine-tune leaves idle
+            # (~30 s of GIL-bound writes); the fine-tune's end collects it, before anything else is measured.
+            frontier_branch(record="background")
         else:
             quiet.say(f"frontier stand-in: training in the background beside the fine-tune (pid {building.pid}, "
                       f"log {standin_log})", also=log.info)
@@ -119,6 +122,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
                                              params.finetune_max_steps)
         ft = timed("fine-tune", finetune_cached, ft_cfg, quiet=True)
         support.attach_runs(parent, [ft.run_id])
+        wait_for_background_records()  # the frontier comparison's side runs, if recorded beside the fine-tune
         if building is not None:
             try:
                 frontier_branch()  # serve_standin waits on the build's lock, then reuses what the child built
@@ -161,6 +165,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         return summary
     finally:
         summary.timings = timings
+        stop_background_records()  # a failed run leaves no recorder behind (its side runs end FAILED)
         if building is not None and building.poll() is None:  # a failed run leaves no training behind
             kill_group(building.pid)  # its own session (start_new_session): the next run builds again
         support.end_parent_run(parent, summary, status)

@@ -22,6 +22,7 @@ from tasks.core.retry import retry_transient
 from tasks.deploy import DeployResult, EndpointSpec, deploy, rollback
 from tasks.deploy.adapters import AdapterChange, load_into_endpoint
 from tasks.evaluate.compare import Comparison
+from tasks.evaluate.recording import RecordMode
 from tasks.evaluate.report import render_run_markdown
 from tasks.evaluate.running import compare_targets, evaluate_target
 from tasks.evaluate.suite import load
@@ -151,12 +152,17 @@ def evaluate_task(suite: str, target: str, *, concurrency: int | None = None, li
 def compare_task(suite: str, candidate: str, baseline: str, *, concurrency: int | None = None,
                  limit: int | None = None, tier: str | None = None, hourly_price: float | None = None,
                  candidate_precision: str | None = None, gateway_key_for: str | None = None,
-                 artifact_key: str | None = None, saturation: int | None = None) -> ComparisonRun:
-    """Candidate vs baseline with the replace verdict; with `artifact_key`, the report is published."""
+                 artifact_key: str | None = None, saturation: int | None = None,
+                 record: RecordMode | None = None) -> ComparisonRun:
+    """Candidate vs baseline with the replace verdict; with `artifact_key`, the report is published.
+
+    `record="background"` leaves the two side runs' records to a child process (`compare_targets`); the flow
+    collects it with `recording.wait_for_background_records`.
+    """
     loaded = load(suite, limit=limit)
     outcome = compare_targets(loaded, candidate, baseline, concurrency=concurrency, progress=False, tier=tier,
                               hourly_price=hourly_price, candidate_precision=candidate_precision,
-                              api_key=_gateway_key(gateway_key_for), saturation=saturation)
+                              api_key=_gateway_key(gateway_key_for), saturation=saturation, record=record)
     if artifact_key:
         create_markdown_artifact(outcome.markdown, key=artifact_key,
                                  description=f"{candidate} vs {baseline} on {suite}")

@@ -324,3 +324,124 @@ def test_every_example_gets_a_trace_and_its_scores_past_the_export_queue(
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"traces": 120, "ids": 120, "assessed": 120, "per_trace": [1], "right": 100}
+
+
+def _stored(run_id: str, exp_id: str) -> dict[str, object]:
+    """What a side's run holds, without what differs between two recordings of one result (times, ids)."""
+    import mlflow
+
+    from tasks.evaluate.mlflow_logging import EXAMPLES_TABLE
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    timing = {"trace_logging_s", "genai_assessment_s", "record_s"}
+    traces = mlflow.search_traces(locations=[exp_id], run_id=run_id, return_type="list", max_results=500)
+    table = client.load_table(exp_id, EXAMPLES_TABLE, run_ids=[run_id])
+    by_trace = {t.info.trace_id: t for t in traces}
+    assert set(table["trace_id"]) == set(by_trace), "the table names each example's own trace"
+    return {
+        "status": run.info.status,
+        "params": run.data.params,
+        "metrics": {k: v for k, v in run.data.metrics.items() if k not in timing},
+        "tags": {k: v for k, v in run.data.tags.items() if k.startswith("llmhost.")},
+        "table": table.drop(columns=["trace_id"]).astype(object).where(table.notna(), None).to_dict(orient="list"),
+        "traces": sorted(
+            (
+                t.data.spans[0].inputs["example_id"],
+                [(s.name, s.span_type, json.dumps(s.inputs), json.dumps(s.outputs)) for s in t.data.spans],
+                sorted((a.name, a.feedback.value if a.feedback else None) for a in t.info.assessments),
+            )
+            for t in traces
+        ),
+    }
+
+
+def test_a_side_recorded_by_a_child_process_stores_what_one_recorded_here_stores(routing: LoadedSuite) -> None:
+    """`compare_targets` records the candidate's run in a child process while it records the baseline's (on two
+    cores), or both in a child it does not wait for (the lifecycle, beside its fine-tune). The same results
+    recorded every way store the same runs: params, metrics, tags, table, traces with their spans and assessments;
+    the parent's records get their trace ids from the child; each run ends FINISHED, or FAILED where too many
+    examples failed."""
+    import mlflow
+
+    from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
+    from tasks.evaluate.recording import SideRecord, record_sides, wait_for_background_records
+    from tasks.evaluate.running import _side_run
+
+    loaded = LoadedSuite(suite=routing.suite, examples=routing.examples[:40])
+    configure_mlflow()
+    exp = get_or_create_experiment("eval/routing-recording")
+
+    def sides() -> list[SideRecord]:
+        good = make_run(loaded, answers(loaded, wrong=6), spec="url:http://127.0.0.1:1/v1#cand")
+        bad = make_run(loaded, answers(loaded, wrong=3), spec="url:http://127.0.0.1:2/v1#base")
+        for r in bad.records[:5]:  # 5/40 failed, over the suite's 5% limit: the run ends FAILED
+            r.ok, r.error, r.error_class = False, "Connection refused", "connection"
+        bad.stats = compute_stats(bad.records, 20.0, 8, Counter())
+        with experiment_scope(exp):
+            return [SideRecord(loaded, res, _side_run(loaded, res.target, exp, None), exp, hourly_price=0.1,
+                               tier="cpu") for res in (good, bad)]
+
+    with experiment_scope(exp):
+        inline, parallel, background = sides(), sides(), sides()
+        everything = inline + parallel + background
+        assert {mlflow.MlflowClient().get_run(s.run_id).info.status for s in everything} == {"RUNNING"}
+        record_sides(background, "background")  # returns at once: the child has yet to import MLflow
+        assert not any(r.trace_id for s in background for r in s.result.records)
+        record_sides(inline, "inline")
+        record_sides(parallel, "parallel")
+        wait_for_background_records()
+    for other in (parallel, background):
+        for a, b in zip(inline, other, strict=True):
+            assert all(r.trace_id for r in b.result.records), "the child's trace ids reach the parent's records"
+            here, child = _stored(a.run_id, exp), _stored(b.run_id, exp)
+            # The bootstrap's last bit may differ between processes (its sums' order), nothing more.
+            assert child.pop("metrics") == pytest.approx(here.pop("metrics"), rel=1e-12, abs=1e-12)
+            assert child == here
+        assert [_stored(s.run_id, exp)["status"] for s in other] == ["FINISHED", "FAILED"]
+        assert "record_s" in mlflow.MlflowClient().get_run(other[0].run_id).data.metrics
+
+
+def test_a_child_that_cannot_record_fails_its_run_and_the_comparison_after_the_other_side_is_in(
+    routing: LoadedSuite,
+) -> None:
+    import mlflow
+
+    from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
+    from tasks.evaluate.recording import SideRecord, record_sides
+    from tasks.evaluate.running import _side_run
+
+    loaded = LoadedSuite(suite=routing.suite, examples=routing.examples[:10])
+    configure_mlflow()
+    exp = get_or_create_experiment("eval/routing-recording")
+    client = mlflow.MlflowClient()
+    with experiment_scope(exp):
+        res = [make_run(loaded, answers(loaded)) for _ in range(2)]
+        sides = [SideRecord(loaded, r, _side_run(loaded, r.target, exp, None), exp) for r in res]
+        client.delete_run(sides[0].run_id)  # the child's resume is refused: the run is deleted
+        with pytest.raises(EvalError, match=rf"recording the eval run {sides[0].run_id} .* failed in its child "
+                                            r"process: .*deleted"):
+            record_sides(sides, "parallel")
+    assert client.get_run(sides[1].run_id).info.status == "FINISHED"
+    assert client.get_run(sides[1].run_id).data.metrics["n_examples"] == 10
+
+
+def test_a_flow_that_fails_stops_its_background_recorder_and_ends_its_runs_failed(routing: LoadedSuite) -> None:
+    import mlflow
+
+    from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
+    from tasks.evaluate import recording
+    from tasks.evaluate.recording import SideRecord, record_sides, stop_background_records
+    from tasks.evaluate.running import _side_run
+
+    loaded = LoadedSuite(suite=routing.suite, examples=routing.examples[:10])
+    configure_mlflow()
+    exp = get_or_create_experiment("eval/routing-recording")
+    with experiment_scope(exp):
+        res = [make_run(loaded, answers(loaded)) for _ in range(2)]
+        sides = [SideRecord(loaded, r, _side_run(loaded, r.target, exp, None), exp) for r in res]
+        record_sides(sides, "background")
+        (child,) = recording._background
+        stop_background_records()  # the lifecycle's `finally`; the child is still importing MLflow here
+    assert child.proc.returncode is not None
+    assert [mlflow.MlflowClient().get_run(s.run_id).info.status for s in sides] == ["FAILED", "FAILED"]

@@ -13,7 +13,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -358,10 +358,16 @@ def score_all(
         if isinstance(spec, Classification):
             preds = [a["pred"] for a in aux_all]
             golds = [a["gold"] for a in aux_all]
-            columns[names[1]].corpus = lambda idx, p=preds, g=golds: macro_f1(
-                [p[i] for i in idx], [g[i] for i in idx]
-            )
+            columns[names[1]].corpus = partial(_macro_f1_at, preds, golds)
         elif isinstance(spec, Bleu):
-            stats = np.stack([a["stats"] for a in aux_all])
-            columns[names[0]].corpus = lambda idx, s=stats: corpus_bleu_from_stats(s[idx])
+            columns[names[0]].corpus = partial(_corpus_bleu_at, np.stack([a["stats"] for a in aux_all]))
     return per_example, columns
+
+
+# Module-level (not lambdas), so a result's columns pickle: a side is recorded in a child process (recording).
+def _macro_f1_at(preds: list[Any], golds: list[Any], idx: np.ndarray) -> float:
+    return macro_f1([preds[i] for i in idx], [golds[i] for i in idx])
+
+
+def _corpus_bleu_at(stats: np.ndarray, idx: np.ndarray) -> float:
+    return corpus_bleu_from_stats(stats[idx])

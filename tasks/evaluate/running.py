@@ -7,17 +7,59 @@ is passed down to the client and never stored on a target, a result or a run.
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.core.errors import EvalError
 from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 from tasks.evaluate.compare import Comparison, compare
-from tasks.evaluate.mlflow_logging import experiment_name, log_cost, log_genai_assessments, log_result, log_traces
+from tasks.evaluate.mlflow_logging import experiment_name, log_cost
+from tasks.evaluate.recording import (
+    RECORD_MODES,
+    RecordMode,
+    SideRecord,
+    default_record_mode,
+    record_side,
+    record_sides,
+    wait_for_background_records,
+)
 from tasks.evaluate.report import plot, render_markdown
 from tasks.evaluate.runner import RunResult, RunStats, measure_saturation, run_suite
 from tasks.evaluate.suite import LoadedSuite
 from tasks.evaluate.targets import ResolvedTarget, resolve_target
+
+
+def _side_run(loaded: LoadedSuite, target: ResolvedTarget, exp_id: str, parent_run_id: str | None) -> str:
+    """A side's run, created RUNNING and left off the fluent stack: it is resumed to be recorded and ends then.
+
+    Its tags are those `mlflow.start_run` resolves (source, user, git commit) plus the name and, in a comparison,
+    the parent.
+    """
+    import mlflow
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    name = f"{target.spec} v{loaded.suite.version}"
+    tags = {MLFLOW_RUN_NAME: name} | ({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
+    return mlflow.MlflowClient().create_run(exp_id, run_name=name, tags=resolve_tags(tags)).info.run_id
+
+
+def _measure(loaded: LoadedSuite, target: ResolvedTarget, exp_id: str, parent_run_id: str | None, *,
+             concurrency: int | None, progress: bool, api_key: str | None) -> tuple[RunResult, str]:
+    """The side's requests, in its new run; a failure here ends the run FAILED before it is raised.
+
+    What is still being recorded in the background is waited for first: no request is timed beside a recorder.
+    """
+    import mlflow
+
+    wait_for_background_records()
+
+    run_id = _side_run(loaded, target, exp_id, parent_run_id)
+    try:
+        return run_suite(loaded, target, concurrency=concurrency, progress=progress, api_key=api_key), run_id
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
 
 
 def evaluate_target(
@@ -35,7 +77,8 @@ def evaluate_target(
 ) -> tuple[RunResult, str]:
     """Run the suite against one target inside its own MLflow run; returns the result and the run id.
 
-    `api_key` is the gateway key for an `endpoint:` target; without it, LLMHOST_API_KEY is read.
+    `api_key` is the gateway key for an `endpoint:` target; without it, LLMHOST_API_KEY is read. With `nested`,
+    the run is a child of the active run.
     """
     import mlflow
 
@@ -44,23 +87,13 @@ def evaluate_target(
     target.api_key(api_key)  # a missing key fails before an MLflow run is created
     configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    run_name = f"{target.spec} v{loaded.suite.version}"
-    with experiment_scope(exp_id), mlflow.start_run(run_name=run_name, nested=nested) as run:
-        result = run_suite(loaded, target, concurrency=concurrency, progress=progress, api_key=api_key)
-        if trace:
-            t0 = time.perf_counter()
-            log_traces(result, loaded)
-            mlflow.log_metric("trace_logging_s", time.perf_counter() - t0)
-        log_result(result, loaded, hourly_price=hourly_price, tier=tier)
-        if trace and genai:
-            t0 = time.perf_counter()
-            n = log_genai_assessments(result, loaded)
-            mlflow.log_metric("genai_assessment_s", time.perf_counter() - t0)
-            mlflow.set_tag("llmhost.genai_traces", str(n))
-    if result.failed:
-        # After the `with`: ending a nested run inside it would end its parent too.
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
-    return result, run.info.run_id
+    parent = mlflow.active_run() if nested else None
+    with experiment_scope(exp_id):
+        result, run_id = _measure(loaded, target, exp_id, parent.info.run_id if parent else None,
+                                  concurrency=concurrency, progress=progress, api_key=api_key)
+        record_side(SideRecord(loaded, result, run_id, exp_id, trace=trace, genai=genai,
+                               hourly_price=hourly_price, tier=tier))
+    return result, run_id
 
 
 def _saturation(loaded: LoadedSuite, cand: ResolvedTarget, base: ResolvedTarget, concurrency: int,
@@ -104,12 +137,19 @@ def compare_targets(
     out_dir: Path | None = None,
     api_key: str | None = None,
     saturation: int | None = None,
+    record: RecordMode | None = None,
 ) -> ComparisonOutcome:
     """Evaluate both targets (child runs) and log the report and plot into a parent comparison run.
 
     `api_key` is the gateway key for whichever side is an `endpoint:` target. With `saturation` (a concurrency,
     normally the endpoint's max_num_seqs) and an API on the other side, the self-hosted side is also loaded at
     that concurrency, so the report prices a replica kept full as well as one at the eval's concurrency.
+
+    Both sides (and the saturation load) are measured before either side's run is recorded (`recording`): with
+    `record="parallel"` (the default on two or more cores) the candidate's run is recorded by a child process while
+    this one records the baseline's; `"inline"` records them one after the other; `"background"` returns once the
+    comparison run is logged and leaves both sides to a child process, which the next measurement (or
+    `recording.wait_for_background_records`) waits for.
     """
     import mlflow
 
@@ -117,16 +157,9 @@ def compare_targets(
     cand_t.api_key(api_key), base_t.api_key(api_key)
     configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    kw = dict(
-        concurrency=concurrency,
-        progress=progress,
-        trace=trace,
-        genai=genai,
-        nested=True,
-        hourly_price=hourly_price,
-        tier=tier,
-        api_key=api_key,
-    )
+    mode = record or default_record_mode()
+    if mode not in RECORD_MODES:
+        raise EvalError(f"record={mode!r} is invalid: use one of {', '.join(RECORD_MODES)}")
     with experiment_scope(exp_id), mlflow.start_run(
         run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}"
     ) as parent:
@@ -139,9 +172,23 @@ def compare_targets(
             }
         )
         mlflow.log_params({"candidate": candidate, "baseline": baseline})
-        cand_res, cand_run = evaluate_target(loaded, cand_t, **kw)  # type: ignore[arg-type]
-        base_res, base_run = evaluate_target(loaded, base_t, **kw)  # type: ignore[arg-type]
-        sat = _saturation(loaded, cand_t, base_t, saturation, api_key, progress) if saturation else None
+        pid = parent.info.run_id
+        measure = dict(concurrency=concurrency, progress=progress, api_key=api_key)
+        cand_res, cand_run = _measure(loaded, cand_t, exp_id, pid, **measure)  # type: ignore[arg-type]
+        try:
+            base_res, base_run = _measure(loaded, base_t, exp_id, pid, **measure)  # type: ignore[arg-type]
+        except BaseException:
+            mlflow.MlflowClient().set_terminated(cand_run, status="FAILED")
+            raise
+        sides = [SideRecord(loaded, res, run_id, exp_id, trace=trace, genai=genai, hourly_price=hourly_price,
+                            tier=tier) for res, run_id in ((cand_res, cand_run), (base_res, base_run))]
+        try:
+            sat = _saturation(loaded, cand_t, base_t, saturation, api_key, progress) if saturation else None
+        except BaseException:
+            for s in sides:
+                mlflow.MlflowClient().set_terminated(s.run_id, status="FAILED")
+            raise
+        record_sides(sides, mode)
         cmp = compare(
             loaded.suite,
             cand_res,
