@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 NICE=${LLMHOST_TEST_BACKGROUND_NICE:-10}
 logs=.llmhost/test-logs
 mkdir -p "$logs"
-bg_log="$logs/lifecycle.log"
+bg_log="$logs/background.log"
 
 start=$(date +%s)
 setsid -w nice -n "$NICE" "$PYTHON" -m pytest -m "lifecycle or background" --durations=20 -p no:cacheprovider "$@" >"$bg_log" 2>&1 &
