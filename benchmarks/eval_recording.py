@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--suite", default="demo_routing")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-check", dest="check", action="store_false", help="Skip the read-back comparison.")
+    ap.add_argument("--journal", default=None, help="Set the sqlite store's journal_mode first (e.g. wal).")
     args = ap.parse_args()
 
     import mlflow
@@ -50,6 +51,11 @@ def main() -> int:
     bases = [tl.synthetic_result(loaded, seed=0), tl.synthetic_result(loaded, seed=1)]
     uri = configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
+    if args.journal:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"))) as db:
+            print("journal_mode:", db.execute(f"PRAGMA journal_mode={args.journal}").fetchone()[0])
     print(f"suite {args.suite}: {len(loaded.examples)} examples a side, 2 sides; store {uri}, MLflow "
           f"{mlflow.__version__}, {args.reps} reps", flush=True)
 

@@ -350,6 +350,7 @@ def _stored(run_id: str, exp_id: str) -> dict[str, object]:
                 t.data.spans[0].inputs["example_id"],
                 [(s.name, s.span_type, json.dumps(s.inputs), json.dumps(s.outputs)) for s in t.data.spans],
                 sorted((a.name, a.feedback.value if a.feedback else None) for a in t.info.assessments),
+                t.info.trace_metadata.get("mlflow.source.name"),
             )
             for t in traces
         ),

@@ -112,7 +112,8 @@ class ChildRecorder:
         try:
             with self.proc.stdin:
                 # Through a pipe, never a file: the records hold the suite's data. A key is never on a target.
-                pickle.dump(sides, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                # With this process's argv[0]: MLflow names it as each trace's `mlflow.source.name`.
+                pickle.dump((sys.argv[0], sides), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException:
             self.kill()
             raise
@@ -250,8 +251,10 @@ def record_sides(sides: list[SideRecord], mode: RecordMode) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    """The child: pickled SideRecords on stdin; writes, per side, its trace ids or its error as JSON to argv[1]."""
-    sides: list[SideRecord] = pickle.load(sys.stdin.buffer)  # noqa: S301 - our own parent's pipe
+    """The child: the parent's argv[0] and SideRecords, pickled, on stdin; writes, per side, its trace ids or its
+    error as JSON to argv[1]."""
+    argv0, sides = pickle.load(sys.stdin.buffer)  # noqa: S301 - our own parent's pipe
+    sys.argv[0] = argv0  # the traces' source is the parent's program, as if it had recorded them itself
     report: list[dict[str, object]] = []
     for side in sides:
         try:
