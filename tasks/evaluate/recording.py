@@ -100,7 +100,7 @@ class ChildRecorder:
         self.sides = sides
         self._out = tempfile.NamedTemporaryFile(prefix="llmhost-record-", suffix=".log", delete=False)  # noqa: SIM115
         self._report = Path(self._out.name).with_suffix(".json")
-        # The child imports only MLflow and the eval modules (~2 s), not the flow's whole import graph.
+        # The child imports only MLflow and the eval modules (4-5 s with genai.evaluate's), not the flow's imports.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.evaluate.recording", str(self._report)],
             stdin=subprocess.PIPE,
@@ -117,9 +117,6 @@ class ChildRecorder:
         except BaseException:
             self.kill()
             raise
-
-    def done(self) -> bool:
-        return self.proc.poll() is not None
 
     def wait(self) -> None:
         try:
