@@ -36,12 +36,25 @@ RecordMode = Literal["inline", "parallel", "background"]
 RECORD_MODES: tuple[str, ...] = ("inline", "parallel", "background")
 
 
-def default_record_mode() -> RecordMode:
-    """`parallel` where there is a second core for the child to use; on one core it would only add its start.
+def resolve_record_mode(mode: str | None) -> RecordMode:
+    """`mode` checked, or the default: `parallel` where there is a second core for the child to use (on one core it
+    would only add its start). `background` is never a default: its caller must collect it
+    (`wait_for_background_records`)."""
+    if mode is None:
+        return "parallel" if (os.cpu_count() or 1) >= 2 else "inline"
+    if mode not in RECORD_MODES:
+        raise EvalError(f"record={mode!r} is invalid: use one of {', '.join(RECORD_MODES)}")
+    return mode  # type: ignore[return-value]
 
-    `background` is never a default: its caller must collect it (`wait_for_background_records`).
-    """
-    return "parallel" if (os.cpu_count() or 1) >= 2 else "inline"
+
+def end_run_failed(run_id: str) -> None:
+    """End a side's run FAILED if it is still RUNNING: its measurement or its recorder did not get to end it."""
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
 
 
 @dataclass
@@ -130,7 +143,7 @@ class ChildRecorder:
             for i, side in enumerate(self.sides):
                 got = report[i] if report is not None else {"error": last}
                 if "error" in got:
-                    self._mark_failed(side)
+                    end_run_failed(side.run_id)
                     errors.append(EvalError(f"recording the eval run {side.run_id} ({side.result.target.spec}) "
                                             f"into MLflow failed in its child process: {got['error']}"))
                     continue
@@ -147,7 +160,7 @@ class ChildRecorder:
             self.proc.kill()
             self.proc.wait()
             for side in self.sides:
-                self._mark_failed(side)
+                end_run_failed(side.run_id)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -155,16 +168,6 @@ class ChildRecorder:
         for p in (Path(self._out.name), self._report):
             with contextlib.suppress(OSError):
                 p.unlink()
-
-    @staticmethod
-    def _mark_failed(side: SideRecord) -> None:
-        """A child that died before its run's exit leaves the run RUNNING: end it FAILED from here."""
-        import mlflow
-
-        with contextlib.suppress(Exception):
-            client = mlflow.MlflowClient()
-            if client.get_run(side.run_id).info.status == "RUNNING":
-                client.set_terminated(side.run_id, status="FAILED")
 
 
 def _append_to_command_log(text: str) -> None:
@@ -179,16 +182,20 @@ _background: list[ChildRecorder] = []
 _background_lock = threading.Lock()
 
 
+def _take_background() -> list[ChildRecorder]:
+    with _background_lock:
+        pending = list(_background)
+        _background.clear()
+    return pending
+
+
 def wait_for_background_records() -> None:
     """Wait for every side being recorded in the background; raises the first failure once all have ended.
 
     Every measurement calls it first (`running`), so no request is timed while a background recorder runs.
     """
-    with _background_lock:
-        pending = list(_background)
-        _background.clear()
     errors: list[Exception] = []
-    for child in pending:
+    for child in _take_background():
         try:
             child.wait()
         except Exception as exc:
@@ -199,23 +206,19 @@ def wait_for_background_records() -> None:
 
 def stop_background_records() -> None:
     """Kill what is still recording in the background (a failed flow): its runs end FAILED."""
-    with _background_lock:
-        pending = list(_background)
-        _background.clear()
-    for child in pending:
+    for child in _take_background():
         child.kill()
 
 
-def record_sides(sides: list[SideRecord], mode: RecordMode) -> None:
+def record_sides(sides: list[SideRecord], mode: RecordMode | None = None) -> None:
     """Record every side: one after the other here (`inline`); or the first ones in child processes while this
     process records the last (`parallel`), then wait for them; or all of them, one after the other, in one child
     process that this one does not wait for (`background`: for a caller with work that leaves a core idle, such
     as the lifecycle's one-thread fine-tune; `wait_for_background_records` collects it). Every side is recorded
-    even when one fails; the first failure is raised after."""
+    even when one fails; the first failure is raised after. No mode: `resolve_record_mode`'s default."""
     import mlflow
 
-    if mode not in RECORD_MODES:
-        raise EvalError(f"record={mode!r} is invalid: use one of {', '.join(RECORD_MODES)}")
+    mode = resolve_record_mode(mode)
     if mode == "background":
         child = ChildRecorder(sides, mlflow.get_tracking_uri())
         with _background_lock:
@@ -274,10 +277,11 @@ __all__ = [
     "ChildRecorder",
     "RecordMode",
     "SideRecord",
-    "default_record_mode",
+    "end_run_failed",
     "record_into_active_run",
     "record_side",
     "record_sides",
+    "resolve_record_mode",
     "stop_background_records",
     "wait_for_background_records",
 ]

@@ -10,17 +10,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core.errors import EvalError
 from tasks.core.tracking import configure_mlflow, experiment_scope, get_or_create_experiment
 from tasks.evaluate.compare import Comparison, compare
 from tasks.evaluate.mlflow_logging import experiment_name, log_cost
 from tasks.evaluate.recording import (
-    RECORD_MODES,
     RecordMode,
     SideRecord,
-    default_record_mode,
+    end_run_failed,
     record_side,
     record_sides,
+    resolve_record_mode,
     wait_for_background_records,
 )
 from tasks.evaluate.report import plot, render_markdown
@@ -50,15 +49,12 @@ def _measure(loaded: LoadedSuite, target: ResolvedTarget, exp_id: str, parent_ru
 
     What is still being recorded in the background is waited for first: no request is timed beside a recorder.
     """
-    import mlflow
-
     wait_for_background_records()
-
     run_id = _side_run(loaded, target, exp_id, parent_run_id)
     try:
         return run_suite(loaded, target, concurrency=concurrency, progress=progress, api_key=api_key), run_id
     except BaseException:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        end_run_failed(run_id)
         raise
 
 
@@ -157,9 +153,7 @@ def compare_targets(
     cand_t.api_key(api_key), base_t.api_key(api_key)
     configure_mlflow()
     exp_id = get_or_create_experiment(experiment_name(loaded.suite.name))
-    mode = record or default_record_mode()
-    if mode not in RECORD_MODES:
-        raise EvalError(f"record={mode!r} is invalid: use one of {', '.join(RECORD_MODES)}")
+    mode = resolve_record_mode(record)  # a bad mode fails before any run is created
     with experiment_scope(exp_id), mlflow.start_run(
         run_name=f"compare {candidate} vs {baseline} v{loaded.suite.version}"
     ) as parent:
@@ -172,23 +166,19 @@ def compare_targets(
             }
         )
         mlflow.log_params({"candidate": candidate, "baseline": baseline})
-        pid = parent.info.run_id
-        measure = dict(concurrency=concurrency, progress=progress, api_key=api_key)
-        cand_res, cand_run = _measure(loaded, cand_t, exp_id, pid, **measure)  # type: ignore[arg-type]
-        try:
-            base_res, base_run = _measure(loaded, base_t, exp_id, pid, **measure)  # type: ignore[arg-type]
-        except BaseException:
-            mlflow.MlflowClient().set_terminated(cand_run, status="FAILED")
-            raise
-        sides = [SideRecord(loaded, res, run_id, exp_id, trace=trace, genai=genai, hourly_price=hourly_price,
-                            tier=tier) for res, run_id in ((cand_res, cand_run), (base_res, base_run))]
-        try:
+        measured: list[tuple[RunResult, str]] = []
+        try:  # a side whose measurement fails ends its own run FAILED; the ones measured before it end so here
+            for t in (cand_t, base_t):
+                measured.append(_measure(loaded, t, exp_id, parent.info.run_id, concurrency=concurrency,
+                                         progress=progress, api_key=api_key))
             sat = _saturation(loaded, cand_t, base_t, saturation, api_key, progress) if saturation else None
         except BaseException:
-            for s in sides:
-                mlflow.MlflowClient().set_terminated(s.run_id, status="FAILED")
+            for _, run_id in measured:
+                end_run_failed(run_id)
             raise
-        record_sides(sides, mode)
+        (cand_res, cand_run), (base_res, base_run) = measured
+        record_sides([SideRecord(loaded, res, run_id, exp_id, trace=trace, genai=genai, hourly_price=hourly_price,
+                                 tier=tier) for res, run_id in measured], mode)
         cmp = compare(
             loaded.suite,
             cand_res,
