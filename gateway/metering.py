@@ -130,7 +130,7 @@ class Meter:
         if "request_id" not in row:
             row["request_id"] = self.new_id()
         self._pending.append(row)
-        if len(self._pending) >= self.batch_size:
+        if len(self._pending) == 1 or len(self._pending) >= self.batch_size:  # the first starts the flush clock
             self._wake.set()
         if self._journal is None:
             return None
@@ -215,10 +215,17 @@ class Meter:
             self._jtask = asyncio.create_task(self._journal_loop(), name="llmhost-journal")
 
     async def _loop(self) -> None:
+        # An idle gateway does not wake for the meter: with nothing pending the loop waits for the first row,
+        # then flushes `flush_interval_s` after it (or as soon as a batch is full). A failed flush keeps its rows
+        # pending, so the next try follows one interval later.
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval_s)
+            if not self._pending:
+                await self._wake.wait()
             self._wake.clear()
+            if len(self._pending) < self.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval_s)
+                self._wake.clear()
             await self.flush()
 
     async def flush(self) -> int:

@@ -501,8 +501,16 @@ def test_prometheus_targets_and_grafana_dashboard_use_real_metric_names(world: W
         }
     ]
 
+    # The sampler parses only its gauges' lines of the real page: the same values as a parse of the whole page.
+    from gateway.dashboard.sampler import VLLM_GAUGES, parse_vllm_metrics
+
+    page = httpx.get(f"{vllm_server.root_url}/metrics").text
+    parsed = parse_vllm_metrics(page)
+    assert set(parsed) == set(VLLM_GAUGES.values())
+    assert parsed == _whole_page_values(page)
+
     names = set()
-    for text in (httpx.get(f"{gw.url}/metrics").text, httpx.get(f"{vllm_server.root_url}/metrics").text):
+    for text in (httpx.get(f"{gw.url}/metrics").text, page):
         for fam in text_string_to_metric_families(text):
             names |= {s.name for s in fam.samples}
     dash = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
@@ -558,6 +566,43 @@ def test_vllm_metrics_are_summed_over_engines_and_kv_usage_averaged():
         "kv_cache_usage": 0.375,
         "prompt_tokens_total": 120.0,
     }
+
+
+def _whole_page_values(text: str) -> dict[str, float]:
+    """What parse_vllm_metrics must return, from a parse of every line of the page."""
+    from gateway.dashboard.sampler import VLLM_GAUGES
+
+    found: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in VLLM_GAUGES:
+                found.setdefault(VLLM_GAUGES[s.name], []).append(float(s.value))
+    return {col: sum(v) / len(v) if col == "kv_cache_usage" else sum(v) for col, v in found.items()}
+
+
+def test_vllm_metrics_among_histograms_and_lookalike_names_parse_as_the_whole_page():
+    from gateway.dashboard.sampler import parse_vllm_metrics
+
+    others = """# HELP vllm:e2e_request_latency_seconds Histogram of end to end request latency in seconds.
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="demo"} 4.0
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="demo"} 5.0
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="demo"} 5.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="demo"} 1.25
+# TYPE vllm:num_requests_running_max gauge
+vllm:num_requests_running_max{engine="0",model_name="demo"} 99.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="demo"} 7.0
+vllm:generation_tokens_total {engine="1",model_name="demo"} 3.0
+"""
+    page = others + VLLM_METRICS
+    assert parse_vllm_metrics(page) == _whole_page_values(page) == {
+        "running": 4.0, "waiting": 2.0, "kv_cache_usage": 0.375, "prompt_tokens_total": 120.0,
+        "generation_tokens_total": 10.0,
+    }
+    # Not an exposition at all (an HTML error page): still an error, which the sampler stores as such.
+    with pytest.raises(ValueError):
+        parse_vllm_metrics("<html><body>502 Bad Gateway</body></html>")
 
 
 def test_percentiles_and_buckets():

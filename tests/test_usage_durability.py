@@ -316,3 +316,72 @@ async def test_the_journal_keeps_only_what_the_store_lacks(tmp_path: Path, sync:
     await meter.close()
     assert list((tmp_path / "j").iterdir()) == []  # the lock file too
     assert len(store.list_usage(engine=engine)) == 15
+
+
+async def test_an_idle_meter_sleeps_until_a_row_comes_and_stores_it_one_interval_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flush (no wake-up of the gateway's loop) while nothing is pending; a row is stored `flush_interval_s`
+    after it was recorded, a full batch at once, and a failed flush is retried one interval later."""
+    import asyncio
+    import time
+    from datetime import UTC, datetime
+
+    from gateway.metering import Meter, Metrics
+
+    engine = store.get_engine(f"sqlite:///{tmp_path / 'idle.db'}")
+    meter = Meter(engine, Metrics(), flush_interval_s=0.4, batch_size=10, journal_dir=tmp_path / "j")
+    await meter.recover()
+    flushes: list[float] = []
+    real_flush = meter.flush
+
+    async def counted() -> int:
+        flushes.append(time.monotonic())
+        return await real_flush()
+
+    meter.flush = counted  # type: ignore[method-assign]
+    meter.start()
+
+    def row(prefix: str) -> dict[str, object]:
+        return {"ts": datetime.now(UTC), "route": "chat", "stream": False, "status_code": 200, "latency_ms": 1.0,
+                "ttft_ms": None, "key_prefix": prefix}
+
+    await asyncio.sleep(1.3)  # three intervals idle
+    assert flushes == []
+
+    t0 = time.monotonic()
+    meter.record(row("one"))
+    while not store.list_usage(key_prefix="one", engine=engine):
+        assert time.monotonic() - t0 < 5, "a lone row was not stored"
+        await asyncio.sleep(0.02)
+    assert len(flushes) == 1 and 0.35 <= flushes[0] - t0 < 1.5
+
+    await asyncio.sleep(1.0)  # idle again: no more flushes
+    assert len(flushes) == 1
+
+    t1 = time.monotonic()
+    for _ in range(10):
+        meter.record(row("batch"))
+    await asyncio.sleep(0.1)  # a full batch does not wait for the interval
+    assert len(flushes) == 2 and flushes[1] - t1 < 0.3
+    assert len(store.list_usage(key_prefix="batch", engine=engine)) == 10
+
+    # The store refuses once: the rows stay pending and the next try comes one interval later.
+    fail = {"left": 1}
+    import gateway.metering as metering
+
+    real_add = metering.add_usage
+
+    def flaky(rows: list[dict[str, object]], **kw: object) -> int:
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("database is locked")
+        return real_add(rows, **kw)
+
+    monkeypatch.setattr(metering, "add_usage", flaky)
+    t2 = time.monotonic()
+    meter.record(row("retry"))
+    while not store.list_usage(key_prefix="retry", engine=engine):
+        assert time.monotonic() - t2 < 5, "the row was not stored after a failed flush"
+        await asyncio.sleep(0.02)
+    assert len(flushes) == 4 and 0.35 <= flushes[3] - flushes[2] < 1.5
+    await meter.close()
