@@ -98,7 +98,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
                 front = timed("evaluate-frontier", compare_task, params.suite, champion_target, frontier,
                               limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                               artifact_key="lifecycle-eval", record=record)
-                support.attach_runs(parent, list(front.run_ids.values()))
+                support.attach_runs(parent, [front.run_ids["comparison"]])
                 summary.frontier_verdict = verdict_line(front.comparison.verdict)
                 summary.frontier_lines = verdict_lines(f"champion v{champion}", front.comparison)
             else:
@@ -137,7 +137,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
         cmp_out = timed("compare", compare_task, params.suite, f"{champion_target}:{adapter}", champion_target,
                         limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                         artifact_key="lifecycle-eval")
-        support.attach_runs(parent, list(cmp_out.run_ids.values()))
+        support.attach_runs(parent, [cmp_out.run_ids["comparison"]])
         cmp = cmp_out.comparison
         summary.tuned_score, summary.base_score = _primary_score(cmp, summary.metric)
         summary.verdict = verdict_line(cmp.verdict)
@@ -147,7 +147,7 @@ def lifecycle(params: LifecycleParams = LifecycleParams()) -> LifecycleSummary: 
             cand_front = timed("candidate-vs-frontier", compare_task, params.suite, f"{champion_target}:{adapter}",
                                frontier, limit=params.eval_limit, tier=params.tier, gateway_key_for=spec.name,
                                artifact_key="lifecycle-eval", saturation=params.saturation)
-            support.attach_runs(parent, list(cand_front.run_ids.values()))
+            support.attach_runs(parent, [cand_front.run_ids["comparison"]])
             summary.candidate_frontier_verdict = verdict_line(cand_front.comparison.verdict)
             summary.frontier_lines += verdict_lines(f"candidate v{ft.registered_version}", cand_front.comparison)
 

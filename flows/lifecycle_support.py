@@ -59,7 +59,11 @@ def start_parent_run(name: str) -> str:
 
 
 def attach_runs(parent_run_id: str, run_ids: list[str]) -> None:
-    """Nests the steps' runs under the lifecycle run in the MLflow UI."""
+    """Nests the steps' runs under the lifecycle run in the MLflow UI.
+
+    Pass a comparison's own run only: its two side runs are already nested under it, and re-parenting them here
+    would flatten them beside it.
+    """
     client = mlflow_client()
     for rid in run_ids:
         if rid and rid != parent_run_id:

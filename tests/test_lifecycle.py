@@ -109,6 +109,13 @@ def test_frontier_branch_compares_champion_and_candidate_with_the_labelled_stand
     assert len(compared) >= 2, [r.data.params for r in compared]
     assert all("api_usd_per_1m_out" in r.data.metrics and "break_even_tokens_per_day" in r.data.metrics
                for r in compared), [r.data.metrics for r in compared]
+    # In the MLflow UI: lifecycle run > comparison run > its two side runs.
+    for r in compared:
+        parent = client.get_run(r.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags["llmhost.kind"] == "lifecycle", parent.data.tags
+        for side in ("llmhost.candidate_run", "llmhost.baseline_run"):
+            side_run = client.get_run(r.data.tags[side])
+            assert side_run.data.tags["mlflow.parentRunId"] == r.info.run_id, (side, side_run.data.tags)
 
 
 def _block(lines: list[str], head: str) -> list[str]:
