@@ -46,6 +46,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="Light load: rounds, the first arm alternating.")
     args = ap.parse_args()
 
+    from demo.build import demo_cache_dir
+
+    demo_dir = demo_cache_dir()  # the demo model this state dir (or LLMHOST_DEMO_CACHE) has built, not a new one
     home = Path(tempfile.mkdtemp(prefix="llmhost-idle-"))
     os.environ["LLMHOST_HOME"] = str(home)
     from tasks import store
@@ -55,11 +58,11 @@ def main() -> int:
     try:
         base_url = args.base_url
         if base_url is None:
-            from demo.build import build_demo_model, default_demo_dir
+            from demo.build import build_demo_model
             from tasks.serving.base import VllmArgs
             from tasks.serving.local import LocalTarget
 
-            built = build_demo_model(default_demo_dir())
+            built = build_demo_model(demo_dir)
             target = LocalTarget()
             print("starting vLLM on the demo model (about a minute)...", file=sys.stderr)
             replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name=args.served_model,

@@ -425,6 +425,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="Also write the numbers here.")
     args = ap.parse_args()
 
+    from demo.build import demo_cache_dir
+
+    demo_dir = demo_cache_dir()  # the demo model this state dir (or LLMHOST_DEMO_CACHE) has built, not a new one
     home = Path(tempfile.mkdtemp(prefix="llmhost-bench-"))
     os.environ["LLMHOST_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -435,11 +438,11 @@ def main() -> int:
     target = replica = None
     base_url = args.base_url
     if base_url is None:
-        from demo.build import build_demo_model, default_demo_dir
+        from demo.build import build_demo_model
         from tasks.serving.base import VllmArgs
         from tasks.serving.local import LocalTarget
 
-        built = build_demo_model(default_demo_dir())
+        built = build_demo_model(demo_dir)
         target = LocalTarget()
         print("starting vLLM on the demo model (about a minute)...", file=sys.stderr)
         replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name=args.served_model,
