@@ -31,7 +31,16 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.gateway_overhead import Target, fixed_rate, pct, start_gateway, stop, tree_cpu  # noqa: E402
+from benchmarks.gateway_overhead import (  # noqa: E402
+    Target,
+    bench_endpoint,
+    fixed_rate,
+    pct,
+    start_demo_vllm,
+    start_gateway,
+    stop,
+    tree_cpu,
+)
 
 
 def main() -> int:
@@ -51,54 +60,45 @@ def main() -> int:
     demo_dir = demo_cache_dir()  # the demo model this state dir (or LLMHOST_DEMO_CACHE) has built, not a new one
     home = Path(tempfile.mkdtemp(prefix="llmhost-idle-"))
     os.environ["LLMHOST_HOME"] = str(home)
-    from tasks import store
 
     replica = target = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
         base_url = args.base_url
         if base_url is None:
-            from demo.build import build_demo_model
-            from tasks.serving.base import VllmArgs
-            from tasks.serving.local import LocalTarget
-
-            built = build_demo_model(demo_dir)
-            target = LocalTarget()
-            print("starting vLLM on the demo model (about a minute)...", file=sys.stderr)
-            replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name=args.served_model,
-                                            dtype="float32", max_model_len=1024, enforce_eager=True),
-                                   name="idle-bench")
+            target, replica = start_demo_vllm(demo_dir, args.served_model, "idle-bench")
             base_url = replica.base_url
-        key = store.create_key("bench", team="bench", actor="benchmark")
-        store.attach_server("bench", base_url=base_url, served_model=args.served_model, actor="benchmark")
-        store.grant("bench", team="bench", actor="benchmark")
+        key = bench_endpoint(base_url, args.served_model)
         arms: list[Target] = []
+        ps: list[psutil.Process] = []  # each arm's gateway, whose CPU is measured
         for name, root in (("this tree", ROOT), ("baseline", args.baseline_root.resolve())):
-            (home / name.replace(" ", "-")).mkdir()
-            proc, url = start_gateway(home / name.replace(" ", "-"), 1, root)
+            arm_home = home / name.replace(" ", "-")
+            arm_home.mkdir()
+            proc, url = start_gateway(arm_home, 1, root)
             procs.append(proc)
-            arms.append(Target(name, f"{url}/v1/chat/completions", key.raw, "bench", psutil.Process(proc.pid)))
+            ps.append(psutil.Process(proc.pid))
+            arms.append(Target(name, f"{url}/v1/chat/completions", key, "bench", ps[-1]))
         # One request through each first: the key's scrypt and the upstream connection are not measured.
         for a in arms:
             asyncio.run(fixed_rate(a, False, 10.0, 2))
         time.sleep(args.settle_seconds)
 
         print(f"idle: both gateways over the same {args.idle_seconds:.0f} s", file=sys.stderr)
-        cpu0 = [tree_cpu(a.proc) for a in arms if a.proc]
+        cpu0 = [tree_cpu(p) for p in ps]
         t0 = time.monotonic()
         time.sleep(args.idle_seconds)
         dt = time.monotonic() - t0
-        idle = [(tree_cpu(a.proc) - c) * 1000.0 / dt for a, c in zip(arms, cpu0, strict=True) if a.proc]
+        idle = [(tree_cpu(p) - c) * 1000.0 / dt for p, c in zip(ps, cpu0, strict=True)]
 
         print(f"light load: {args.rounds} x {args.requests} requests per arm at {args.rate:g}/s", file=sys.stderr)
         cpu = {a.name: 0.0 for a in arms}
         lat: dict[str, list[float]] = {a.name: [] for a in arms}
+        legs = list(zip(arms, ps, strict=True))
         for i in range(args.rounds):
-            for a in (arms if i % 2 == 0 else arms[::-1]):
-                assert a.proc is not None
-                c = tree_cpu(a.proc)
+            for a, p in (legs if i % 2 == 0 else legs[::-1]):
+                c = tree_cpu(p)
                 lat[a.name] += asyncio.run(fixed_rate(a, False, args.rate, args.requests))
-                cpu[a.name] += tree_cpu(a.proc) - c
+                cpu[a.name] += tree_cpu(p) - c
         n = args.rounds * args.requests
         per = {k: v * 1000.0 / n for k, v in cpu.items()}
     finally:

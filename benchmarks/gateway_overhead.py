@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -45,6 +46,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tasks.core.procs import free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    from tasks.serving.base import Replica
+    from tasks.serving.local import LocalTarget
 
 
 @dataclass
@@ -138,6 +143,30 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def start_demo_vllm(demo_dir: Path, served_model: str, name: str, **vllm: Any) -> tuple[LocalTarget, Replica]:
+    """vLLM on the demo model in `demo_dir` (built first if missing); stop it with `target.stop(replica)`."""
+    from demo.build import build_demo_model
+    from tasks.serving.base import VllmArgs
+    from tasks.serving.local import LocalTarget
+
+    built = build_demo_model(demo_dir)
+    target = LocalTarget()
+    print("starting vLLM on the demo model (about a minute)...", file=sys.stderr)
+    replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name=served_model, dtype="float32",
+                                    max_model_len=1024, enforce_eager=True, **vllm), name=name)
+    return target, replica
+
+
+def bench_endpoint(base_url: str, served_model: str) -> str:
+    """The store's endpoint `bench`, attached to the server at `base_url`, and a key granted it (returned raw)."""
+    from tasks import store
+
+    key = store.create_key("bench", team="bench", actor="benchmark")
+    store.attach_server("bench", base_url=base_url, served_model=served_model, actor="benchmark")
+    store.grant("bench", team="bench", actor="benchmark")
+    return key.raw
 
 
 # -- the instant-upstream arms -----------------------------------------------------------------------------
@@ -301,18 +330,16 @@ def instant_main(args: argparse.Namespace, home: Path) -> int:
                    home / "upstream.log", f"http://127.0.0.1:{up_port}/health", "instant upstream")
         procs.append(up)
         up_base = f"http://127.0.0.1:{up_port}/v1"
-        key = store.create_key("bench", team="bench", actor="benchmark")
-        store.attach_server("bench", base_url=up_base, served_model="instant", actor="benchmark")
-        store.grant("bench", team="bench", actor="benchmark")
+        key = bench_endpoint(up_base, "instant")
         gw, gw_url = start_gateway(home, args.workers, args.gateway_root)
         procs.append(gw)
         targets = [Target("direct", f"{up_base}/chat/completions", "unused", "instant", psutil.Process(up.pid)),
-                   Target("llmhost", f"{gw_url}/v1/chat/completions", key.raw, "bench", psutil.Process(gw.pid))]
+                   Target("llmhost", f"{gw_url}/v1/chat/completions", key, "bench", psutil.Process(gw.pid))]
         if args.baseline_root:  # the same gateway from another tree, on the same store: before/after in one run
             (home / "base").mkdir()
             base, base_url = start_gateway(home / "base", 1, args.baseline_root)
             procs.append(base)
-            targets.append(Target("baseline", f"{base_url}/v1/chat/completions", key.raw, "bench",
+            targets.append(Target("baseline", f"{base_url}/v1/chat/completions", key, "bench",
                                   psutil.Process(base.pid)))
         if not args.no_litellm:
             lport = free_port()
@@ -438,22 +465,12 @@ def main() -> int:
     target = replica = None
     base_url = args.base_url
     if base_url is None:
-        from demo.build import build_demo_model
-        from tasks.serving.base import VllmArgs
-        from tasks.serving.local import LocalTarget
-
-        built = build_demo_model(demo_dir)
-        target = LocalTarget()
-        print("starting vLLM on the demo model (about a minute)...", file=sys.stderr)
-        replica = target.start(VllmArgs(model=str(built.model_dir), served_model_name=args.served_model,
-                                        dtype="float32", max_model_len=1024, enforce_eager=True,
-                                        max_num_seqs=max(32, args.concurrency)), name="bench")
+        target, replica = start_demo_vllm(demo_dir, args.served_model, "bench",
+                                          max_num_seqs=max(32, args.concurrency))
         base_url = replica.base_url
     gw_proc = None
     try:
-        key = store.create_key("bench", team="bench", actor="benchmark")
-        store.attach_server("bench", base_url=base_url, served_model=args.served_model, actor="benchmark")
-        store.grant("bench", team="bench", actor="benchmark")
+        key = bench_endpoint(base_url, args.served_model)
         gw_proc, gw_url = start_gateway(home, args.workers, args.gateway_root)
         gw_ps = psutil.Process(gw_proc.pid)
         direct = Arm("direct")
@@ -465,9 +482,9 @@ def main() -> int:
         warm = Arm("warm")
         asyncio.run(run_load(direct_url, "unused", args.served_model, 32, args.concurrency, args.max_tokens,
                              warm))
-        asyncio.run(run_load(via_url, key.raw, "bench", 32, args.concurrency, args.max_tokens, warm))
+        asyncio.run(run_load(via_url, key, "bench", 32, args.concurrency, args.max_tokens, warm))
         gw_cpu = 0.0
-        legs = [(direct, direct_url, "unused", args.served_model), (via, via_url, key.raw, "bench")]
+        legs = [(direct, direct_url, "unused", args.served_model), (via, via_url, key, "bench")]
         for i in range(args.rounds):
             # ABBA: the arm that goes first alternates, so a drift in vLLM's speed over the run (its caches
             # filling, another process waking) hits both arms alike instead of always favouring the second.
