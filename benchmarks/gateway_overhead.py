@@ -4,17 +4,17 @@
     .venv/bin/python benchmarks/gateway_overhead.py                 # starts vLLM on the demo model
     .venv/bin/python benchmarks/gateway_overhead.py --base-url http://127.0.0.1:8001/v1 --served-model demo
 
---instant puts benchmarks/instant_upstream.py (answers from memory) behind three arms: direct, llmhost (one
-gateway process) and LiteLLM's proxy (`make bench-env`; one process, config file only, no database). For plain
-and streamed requests it measures, per arm and run: requests/s at saturation (wrk, concurrency 16), the proxy
-process's CPU ms per request (psutil), and p50/p95 latency at a fixed rate below saturation (an aiohttp client
-sending on a clock), from which the added latency over direct follows, with the CPU ms per request again at that
-rate (an event loop that wakes for one request at a time amortizes less than one under saturation; this is the
-figure to set beside the vLLM arm's, where the gateway sees about 100 requests/s), and requests/s from the official
-openai SDK at the same concurrency (--sdk-requests per arm, the method of issue 18's table: an application's client,
-which is then the bottleneck, so the ratio says what putting the gateway in its path costs it, while wrk's says what
-the gateway can carry at most). Arms alternate within each run; the ratios are printed with their min/max over the
-runs.
+--instant puts benchmarks/instant_upstream.py (answers from memory) behind three arms: direct, llmhost (one gateway
+process) and LiteLLM's proxy (`make bench-env`; one process, config file only, no database). For plain and streamed
+requests it measures, per arm and run: requests/s at saturation (wrk, concurrency 16), the proxy process's CPU ms
+per request (psutil), and p50/p95 latency at a fixed rate below saturation (an aiohttp client sending on a clock),
+from which the added latency over direct follows, with the CPU ms per request again at that rate (an event loop
+that wakes for one request at a time amortizes less than one under saturation; this is the figure to set beside the
+vLLM arm's, where the gateway sees about 100 requests/s), and requests/s from the official openai SDK at the same
+concurrency (--sdk-requests per arm in --sdk-blocks blocks, the arms taking turns; the method of issue 18's table:
+an application's client, which is then the bottleneck, so the ratio says what putting the gateway in its path costs
+it, while wrk's says what the gateway can carry at most). Arms alternate within each run; the ratios are printed
+with their min/max over the runs.
 
 Prints the throughput ratio (gateway / direct) and the added p50 / p95 latency. Arms alternate in short rounds,
 the first arm alternating too (direct, gateway, gateway, direct, ...), so that drift in the machine's load hits
@@ -268,49 +268,85 @@ async def fixed_rate(t: Target, stream: bool, rate: float, n: int) -> list[float
     return sorted(lat)
 
 
-async def sdk_load(t: Target, stream: bool, n: int, concurrency: int) -> dict[str, float]:
-    """`n` requests through the official openai SDK (AsyncOpenAI) from `concurrency` tasks, as an application
-    calls an endpoint: requests/s, and the CPU ms per request of the arm's process and of this client."""
+async def sdk_arms(targets: list[Target], stream: bool, n: int, concurrency: int,
+                   blocks: int) -> dict[str, dict[str, float]]:
+    """`n` requests per arm through the official openai SDK (AsyncOpenAI) from `concurrency` tasks, as an
+    application calls an endpoint: requests/s, and the CPU ms per request of the arm's process and of this client.
+
+    Each arm's `n` requests run in `blocks` blocks, the arms taking turns ABBA (a, b, b, a, ...), so a drift in
+    the machine's speed over the run hits every arm alike instead of whichever happened to run then. One client
+    per arm for the whole run, its `concurrency` connections opened before any block is timed."""
     import openai
     from openai.types.chat import ChatCompletionMessageParam
 
     me = psutil.Process()
-    base = t.url.removesuffix("/chat/completions")
     msgs: list[ChatCompletionMessageParam] = [{"role": "user", "content": "where is my parcel ?"}]
-    left = n
-    errors = 0
-    async with openai.AsyncOpenAI(base_url=base, api_key=t.key, max_retries=0, timeout=60) as client:
+    clients = {t.name: openai.AsyncOpenAI(base_url=t.url.removesuffix("/chat/completions"), api_key=t.key,
+                                          max_retries=0, timeout=60) for t in targets}
+    acc = {t.name: {"n": 0, "secs": 0.0, "errors": 0, "cpu": 0.0, "mine": 0.0} for t in targets}
+
+    async def one(t: Target) -> bool:
+        client = clients[t.name]
+        try:
+            if stream:
+                chunks = await client.chat.completions.create(
+                    model=t.model, messages=msgs, max_tokens=16, stream=True,
+                    stream_options={"include_usage": True})
+                async for _ in chunks:
+                    pass
+            else:
+                await client.chat.completions.create(model=t.model, messages=msgs, max_tokens=16)
+            return True
+        except openai.APIError as exc:
+            if not acc[t.name]["errors"]:
+                print(f"  {t.name} (sdk): {exc}", file=sys.stderr)
+            acc[t.name]["errors"] += 1
+            return False
+
+    async def block(t: Target, k: int) -> None:
+        left = k
 
         async def worker() -> None:
-            nonlocal left, errors
+            nonlocal left
             while left > 0:
                 left -= 1
-                try:
-                    if stream:
-                        chunks = await client.chat.completions.create(
-                            model=t.model, messages=msgs, max_tokens=16, stream=True,
-                            stream_options={"include_usage": True})
-                        async for _ in chunks:
-                            pass
-                    else:
-                        await client.chat.completions.create(model=t.model, messages=msgs, max_tokens=16)
-                except openai.APIError as exc:
-                    errors += 1
-                    if errors == 1:
-                        print(f"  {t.name} (sdk): {exc}", file=sys.stderr)
+                await one(t)
 
-        left = 1
-        await worker()  # one request first: the connection and the key's verification are not timed
-        left, errors = n, 0
+        a = acc[t.name]
         cpu0, mine0 = (tree_cpu(t.proc) if t.proc else 0.0), tree_cpu(me)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        secs = time.perf_counter() - t0
-    cpu = (tree_cpu(t.proc) - cpu0) if t.proc else float("nan")
-    if errors:
-        print(f"  {t.name} (sdk): {errors} failed requests", file=sys.stderr)
-    return {"sdk_rps": (n - errors) / secs, "sdk_cpu_ms": cpu * 1000.0 / n,
-            "sdk_client_cpu_ms": (tree_cpu(me) - mine0) * 1000.0 / n}
+        a["secs"] += time.perf_counter() - t0
+        a["cpu"] += (tree_cpu(t.proc) - cpu0) if t.proc else float("nan")
+        a["mine"] += tree_cpu(me) - mine0
+        a["n"] += k
+
+    try:
+        for t in targets:  # connections and the key's verification are not timed
+            await asyncio.gather(*(one(t) for _ in range(concurrency)))
+            acc[t.name]["errors"] = 0
+        sizes = [n // blocks + (1 if i < n % blocks else 0) for i in range(blocks)]
+        for b, k in enumerate(sizes):
+            for t in (targets if b % 2 == 0 else targets[::-1]):
+                await block(t, k)
+    finally:
+        for c in clients.values():
+            await c.close()
+    out = {}
+    for name, a in acc.items():
+        if a["errors"]:
+            print(f"  {name} (sdk): {a['errors']} failed requests", file=sys.stderr)
+        out[name] = {"sdk_rps": (a["n"] - a["errors"]) / a["secs"], "sdk_cpu_ms": a["cpu"] * 1000.0 / a["n"],
+                     "sdk_client_cpu_ms": a["mine"] * 1000.0 / a["n"]}
+    return out
+
+
+def still_up(targets: list[Target], home: Path) -> None:
+    """Stop the run with one line when an arm's server died under the load (a crash, not a slow answer)."""
+    for t in targets:
+        if t.proc is not None and (not t.proc.is_running() or t.proc.status() == psutil.STATUS_ZOMBIE):
+            raise SystemExit(f"the {t.name} arm's server (pid {t.proc.pid}) died during the run; its log is in "
+                             f"{home}: rerun, or leave that arm out")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -359,8 +395,12 @@ def instant_main(args: argparse.Namespace, home: Path) -> int:
             order = targets[run % len(targets):] + targets[:run % len(targets)]
             for stream in (False, True):
                 sat = {t.name: saturate(t, stream, args.seconds, args.concurrency, home) for t in order}
-                for t in order:  # the issue's own method: an SDK client, concurrency 16, n requests per arm
-                    sat[t.name].update(asyncio.run(sdk_load(t, stream, args.sdk_requests, args.concurrency)))
+                still_up(order, home)
+                # the issue's own method: an SDK client, concurrency 16, n requests per arm
+                for name, got in asyncio.run(sdk_arms(order, stream, args.sdk_requests, args.concurrency,
+                                                      args.sdk_blocks)).items():
+                    sat[name].update(got)
+                still_up(order, home)
                 if stream not in rates:  # fixed once, from the first run: half the slowest arm's saturation
                     rates[stream] = args.rate or round(0.5 * min(s["rps"] for s in sat.values()))
                 n = max(100, int(rates[stream] * args.latency_seconds))
@@ -368,6 +408,7 @@ def instant_main(args: argparse.Namespace, home: Path) -> int:
                     cpu0 = tree_cpu(t.proc) if t.proc else 0.0
                     lat = asyncio.run(fixed_rate(t, stream, rates[stream], n))
                     cpu_rate = ((tree_cpu(t.proc) - cpu0) * 1000.0 / n) if t.proc else float("nan")
+                    still_up([t], home)
                     results.append({"run": run + 1, "mode": "stream" if stream else "plain", "arm": t.name,
                                     **sat[t.name], "rate": rates[stream], "p50": pct(lat, 0.5),
                                     "p95": pct(lat, 0.95), "cpu_ms_at_rate": cpu_rate})
@@ -439,6 +480,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="--instant: saturation load per arm and mode.")
     ap.add_argument("--sdk-requests", type=int, default=1500, help="--instant: requests per arm, mode and run "
                     "through the openai SDK (the issue's method: an application's client, not wrk).")
+    ap.add_argument("--sdk-blocks", type=int, default=6, help="--instant: the SDK requests of each arm run in this "
+                    "many blocks, the arms taking turns ABBA, so drift over the run hits every arm alike.")
     ap.add_argument("--rate", type=float, help="--instant: fixed rate for latency (default: half the slowest "
                     "arm's saturation in run 1).")
     ap.add_argument("--latency-seconds", type=float, default=5.0, help="--instant: seconds at the fixed rate "
