@@ -197,6 +197,12 @@ def tree_cpu(proc: psutil.Process) -> float:
     return total
 
 
+def own_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of the process alone, user + system: not its children (this one starts every arm's server)."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 @dataclass
 class Target:
     """One arm: where to send, with which key and model name, and the process whose CPU is its cost."""
@@ -313,12 +319,12 @@ async def sdk_arms(targets: list[Target], stream: bool, n: int, concurrency: int
                 await one(t)
 
         a = acc[t.name]
-        cpu0, mine0 = (tree_cpu(t.proc) if t.proc else 0.0), tree_cpu(me)
+        cpu0, mine0 = (tree_cpu(t.proc) if t.proc else 0.0), own_cpu(me)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         a["secs"] += time.perf_counter() - t0
         a["cpu"] += (tree_cpu(t.proc) - cpu0) if t.proc else float("nan")
-        a["mine"] += tree_cpu(me) - mine0
+        a["mine"] += own_cpu(me) - mine0
         a["n"] += k
 
     try:
