@@ -446,3 +446,15 @@ def test_a_flow_that_fails_stops_its_background_recorder_and_ends_its_runs_faile
         stop_background_records()  # the lifecycle's `finally`; the child is still importing MLflow here
     assert child.proc.returncode is not None
     assert [mlflow.MlflowClient().get_run(s.run_id).info.status for s in sides] == ["FAILED", "FAILED"]
+
+
+def test_a_cost_check_on_a_cpu_tier_prints_costs_that_differ_apart(routing: LoadedSuite) -> None:
+    # Two self-hosted runs on the demo's CPU tier price, the candidate 4% slower: about $0.0003 per 1k requests
+    # each, which at 4 decimals printed as "$0.0003 vs $0.0003 (limit 1x = $0.0003)" beside a failed check.
+    base = make_run(routing, answers(routing), wall_s=2.42)
+    cand = make_run(routing, answers(routing), wall_s=2.5)
+    cmp = compare(routing.suite, cand, base, hourly_price=0.08925)
+    assert not cmp.verdict.ready
+    [reason] = [r for r in cmp.verdict.reasons if r.startswith("cost per 1k requests")]
+    assert reason == "cost per 1k requests: $0.000310 vs $0.000300 (limit 1x = $0.000300)", reason
+    assert "**$0.000310**" in render_markdown(cmp)

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         from flows.commands._output import console, emit_json
         from tasks import store
         from tasks.core.errors import EvalError
-        from tasks.evaluate.cost import catalog_cost_report, day_cost, latest_comparison_cost
+        from tasks.evaluate.cost import catalog_cost_report, day_cost, latest_comparison_cost, usd
 
         view = next((e for e in store.list_endpoints() if e.name == endpoint), None)
         if view is None:
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"cost of {endpoint} ({where})")
         for line in report.lines():
             out.print(f"  {line}", highlight=False)
-        api = "unknown" if day.api_usd is None else f"${day.api_usd:.4f}"
+        api = usd(day.api_usd)
         out.print(f"  last 24 h: {day.tokens_in} in / {day.tokens_out} out tokens; at the API's rates {api}; "
                   f"the tier for the day ${day.tier_usd:.2f} ({day.replicas} replica(s))", highlight=False)
 

@@ -17,6 +17,7 @@ from tasks.evaluate.cost import (
     throughput_of,
     tier_hourly_price,
     tier_price,
+    usd,
 )
 from tasks.evaluate.failures import ErrorGroup
 from tasks.evaluate.metric_specs import (
@@ -313,8 +314,8 @@ def verdict_for(
                 Check(
                     name="cost per 1k requests",
                     ok=cand_cost <= limit,
-                    detail=f"${cand_cost:.4f} vs ${base_cost:.4f} "
-                    f"(limit {thresholds.max_cost_ratio:g}x = ${limit:.4f})",
+                    detail=f"{usd(cand_cost)} vs {usd(base_cost)} "
+                    f"(limit {thresholds.max_cost_ratio:g}x = {usd(limit)})",
                 )
             )
     reasons = [f"{c.name}: {c.detail}" for c in checks if c.ok is not True]

@@ -275,9 +275,15 @@ def day_cost(report: CostReport, tokens_in: int, tokens_out: int, replicas: int 
 
 
 def usd(v: float | None) -> str:
+    """Dollars for people: cents from $1 up, below it at least 4 decimals and 3 significant digits, so that two
+    small costs a check compares (a CPU tier's cost per 1k requests, $0.000312 vs $0.000298) do not print alike."""
     if v is None:
         return "unknown"
-    return f"${v:,.2f}" if v >= 1 else f"${v:.4f}"
+    if v >= 1:
+        return f"${v:,.2f}"
+    if v <= 0 or not math.isfinite(v):
+        return f"${v:.4f}"
+    return f"${v:.{max(4, 2 - math.floor(math.log10(v)))}f}"
 
 
 def human_tokens(n: float | None) -> str:

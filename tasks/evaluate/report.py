@@ -96,7 +96,7 @@ def render_markdown(cmp: Comparison) -> str:
         "",
     ]
     for label, side in (("candidate", c), ("baseline", b)):
-        cost = "unknown" if side.cost.per_1k_requests_usd is None else f"${side.cost.per_1k_requests_usd:.4f}"
+        cost = usd(side.cost.per_1k_requests_usd)
         lines.append(f"- {label} `{side.target}`: **{cost}** = {side.cost.basis}")
         lines += [f"  - assumes {a}" for a in side.cost.assumptions]
     if cmp.cost is not None:
