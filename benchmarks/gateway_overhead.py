@@ -16,9 +16,10 @@ an application's client, which is then the bottleneck, so the ratio says what pu
 it, while wrk's says what the gateway can carry at most). Arms alternate within each run; the ratios are printed
 with their min/max over the runs.
 
-Prints the throughput ratio (gateway / direct) and the added p50 / p95 latency. Arms alternate in short rounds,
-the first arm alternating too (direct, gateway, gateway, direct, ...), so that drift in the machine's load hits
-both alike.
+Against vLLM, prints the throughput ratio (gateway / direct) and the added p50 / p95 latency of a closed loop
+(`--concurrency` clients, each sending when answered), then the added p50 / p95 at --fixed-rate requests/s sent on a
+clock. Arms alternate in short rounds, the first arm alternating too (direct, gateway, gateway, direct, ...), so that
+drift in the machine's load hits both alike.
 Target: ratio >= 0.97 and <= 2 ms added at p50.
 The gateway arm meters with its usage journal on (the default, see gateway/journal.py);
 benchmarks/usage_durability.py sets it against the old batched metering to show what it costs per request.
@@ -243,9 +244,10 @@ def saturate(t: Target, stream: bool, seconds: int, concurrency: int, tmp: Path)
             "errors": got["status_errors"] + got["socket_errors"], "requests": got["requests"]}
 
 
-async def fixed_rate(t: Target, stream: bool, rate: float, n: int) -> list[float]:
+async def fixed_rate(t: Target, stream: bool, rate: float, n: int,
+                     payload: dict[str, object] | None = None) -> list[float]:
     """Send `n` requests on a clock at `rate`/s (not waiting for answers); each one's latency in ms."""
-    body = json.dumps(body_for(t.model, stream)).encode()
+    body = json.dumps(payload or body_for(t.model, stream)).encode()
     headers = {"authorization": f"Bearer {t.key}", "content-type": "application/json"}
     lat: list[float] = []
     errors = 0
@@ -482,6 +484,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=8, help="vLLM: rounds, each arm once per round, the first "
                     "arm alternating (direct, gateway, gateway, direct, ...).")
+    ap.add_argument("--fixed-rate", type=float, default=40.0, help="vLLM: then requests/s sent on a clock, not "
+                    "waiting for answers (an open loop, as an application's users send), for the added latency "
+                    "at a rate below saturation; 0 leaves it out.")
+    ap.add_argument("--fixed-rounds", type=int, default=4, help="vLLM: rounds at --fixed-rate, 5 s per arm, ABBA.")
     ap.add_argument("--runs", type=int, default=3, help="--instant: runs, each with every arm and mode.")
     ap.add_argument("--seconds", type=int, default=5, help="--instant: saturation load per arm and mode.")
     ap.add_argument("--sdk-requests", type=int, default=1500, help="--instant: requests per arm, mode and run "
@@ -542,6 +548,17 @@ def main() -> int:
                 asyncio.run(run_load(url, api_key, model, args.requests, args.concurrency, args.max_tokens, arm))
                 if arm is via:
                     gw_cpu += tree_cpu(gw_ps) - cpu0
+        # The rounds above are a closed loop: each client sends its next request when its last one is answered,
+        # so the two arms' throughput ratio is their latency ratio. At a fixed rate the arms get the same load.
+        fixed: dict[str, list[float]] = {"direct": [], "gateway": []}
+        targets = [Target("direct", direct_url, "unused", args.served_model, None),
+                   Target("gateway", via_url, key, "bench", None)]
+        n_fixed = max(50, int(args.fixed_rate * 5))
+        for i in range(args.fixed_rounds if args.fixed_rate > 0 else 0):
+            for t in (targets if i % 2 == 0 else targets[::-1]):
+                payload = {"model": t.model, "messages": [{"role": "user", "content": "where is my parcel ?"}],
+                           "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+                fixed[t.name] += asyncio.run(fixed_rate(t, False, args.fixed_rate, n_fixed, payload))
         time.sleep(1.5)  # let the meter flush
         metered = sum(1 for u in store.list_usage(endpoint="bench") if u.status_code == 200)
     finally:
@@ -560,6 +577,8 @@ def main() -> int:
         "added_p95_ms": round(via.pct(0.95) - direct.pct(0.95), 2),
         "errors": direct.errors + via.errors, "usage_rows_metered": metered,
         "gateway_cpu_ms_per_request": round(gw_cpu * 1000.0 / max(1, via.requests), 3),
+        "fixed_rate": args.fixed_rate,
+        **{f"fixed_{a}_p{q}_ms": round(pct(sorted(xs), q / 100), 2) for a, xs in fixed.items() for q in (50, 95)},
         "cpus": os.cpu_count(),
     }
     print(f"{'arm':8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
@@ -568,9 +587,15 @@ def main() -> int:
     print(f"throughput ratio (gateway/direct): {ratio:.3f}  (target >= 0.97)")
     print(f"added latency: p50 {result['added_p50_ms']:+.2f} ms (target <= 2), "
           f"p95 {result['added_p95_ms']:+.2f} ms")
-    print(f"usage rows metered: {metered} (expected {via.requests + 32})")
+    print(f"usage rows metered: {metered} (expected {via.requests + 32 + len(fixed['gateway'])})")
     print(f"gateway process CPU: {result['gateway_cpu_ms_per_request']:.3f} ms per request "
           f"(on {os.cpu_count()} cores shared with vLLM and this client)")
+    if fixed["direct"] and fixed["gateway"]:
+        d50, g50 = pct(sorted(fixed["direct"]), 0.5), pct(sorted(fixed["gateway"]), 0.5)
+        d95, g95 = pct(sorted(fixed["direct"]), 0.95), pct(sorted(fixed["gateway"]), 0.95)
+        print(f"at a fixed {args.fixed_rate:g} req/s ({args.fixed_rounds} x {n_fixed} per arm, ABBA): p50 direct "
+              f"{d50:.2f} / gateway {g50:.2f} ms, added {g50 - d50:+.2f} ms (target <= 2); p95 added "
+              f"{g95 - d95:+.2f} ms")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
